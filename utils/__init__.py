@@ -1,0 +1,1 @@
+"""Shared code of the ControlNet++ codebase (no import-time side effects)."""

@@ -1,0 +1,47 @@
+"""Atomic file writes: a file that exists under its final name is always complete.
+
+Evaluation and inference runs can be killed at any moment and started again; they treat an
+existing output file as done, so a half-written file must never carry the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from PIL import Image
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (same folder, same filesystem)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike) -> Path:
+    """Save an image atomically as PNG (never JPEG: its artefacts corrupt label maps)."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+    return atomic_write(path, write)
