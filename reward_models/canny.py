@@ -1,0 +1,85 @@
+"""Differentiable Canny: the reward model and the condition extractor of the canny task.
+
+As in the original release the detector is kornia's Canny with thresholds low 0.1 / high 0.2,
+a 5x5 Gaussian of sigma 1 and no hysteresis: grayscale -> blur -> unnormalised Sobel ->
+magnitude sqrt(gx^2 + gy^2 + eps) -> non-maximum suppression along the gradient direction
+rounded to 45 degrees (magnitude times the is-local-max mask, so it stays differentiable).
+
+- reward output: the magnitude after NMS (B, 1, H, W); it is not bounded by 1.
+- ControlNet condition: that magnitude with values below the low threshold set to 0, x3 channels.
+
+There are no weights; ``name_or_path`` must be ``canny`` (the original flag value).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import RewardModel
+
+LOW_THRESHOLD = 0.1
+HIGH_THRESHOLD = 0.2  # only separates weak from strong edges in kornia; without hysteresis unused here
+GAUSSIAN_KERNEL_SIZE = (5, 5)
+GAUSSIAN_SIGMA = (1.0, 1.0)
+
+
+def canny_magnitude(images: torch.Tensor) -> torch.Tensor:
+    """NMS gradient magnitude (B, 1, H, W), float32, of RGB images in [0, 1] of any float dtype.
+
+    Computed in float32 whatever the input dtype: in fp16 the squared Sobel responses and the
+    45-degree rounding of the direction lose enough precision to move edges.
+    """
+    import kornia
+
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        magnitude, _ = kornia.filters.canny(
+            images.float(),
+            low_threshold=LOW_THRESHOLD,
+            high_threshold=HIGH_THRESHOLD,
+            kernel_size=GAUSSIAN_KERNEL_SIZE,
+            sigma=GAUSSIAN_SIGMA,
+            hysteresis=False,
+        )
+    return magnitude
+
+
+def canny_edges(magnitude: torch.Tensor) -> torch.Tensor:
+    """The condition map: magnitude with values at or below the low threshold set to 0."""
+    return F.threshold(magnitude, LOW_THRESHOLD, 0.0)
+
+
+class CannyRewardModel(RewardModel):
+    """Canny has no weights; the reward compares NMS magnitudes (MSE over C, H, W)."""
+
+    task = "canny"
+    needs_condition_column = False
+
+    def __init__(self, device: torch.device | str | None = None):
+        super().__init__()
+        # No parameters: remember the device so `target` can move the batch there.
+        self._device = torch.device(device) if device is not None else torch.device("cpu")
+        self.freeze()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def _apply(self, fn, recurse=True):
+        # Keep `device` in sync with `.to(...)` / `.cuda()` although there are no tensors.
+        self._device = fn(torch.empty(0, device=self._device)).device
+        return super()._apply(fn, recurse)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        return canny_magnitude(images)
+
+    @torch.no_grad()
+    def extract_condition(self, images: torch.Tensor) -> torch.Tensor:
+        self._check_images(images)
+        edges = canny_edges(canny_magnitude(images))
+        # kornia's magnitude can exceed 1 (a unit step gives ~2.6); the ControlNet input is [0, 1].
+        return edges.clamp(0, 1).repeat(1, 3, 1, 1)

@@ -1,0 +1,202 @@
+"""Toy reward-model checkpoints: tiny, randomly initialised, in the published formats.
+
+``write_toy_reward_models(out_dir, seed)`` writes one small checkpoint per reward model so that
+training, evaluation and the tests run the real loading code on CPU in seconds:
+
+    ControlNetHED.pth            plain state dict, published HED keys, width 4 instead of 64
+    lineart/model.pth            plain state dict, published line-drawing keys, ngf 4 instead of 64
+    dpt-hybrid-midas/            DPTForDepthEstimation.save_pretrained (safetensors) + preprocessor_config.json
+    ade20k_seg/config.py, model.pth      mmseg UperNet on a narrow ResNet-18, 150 classes, ADE20K
+    cocostuff_seg/config.py, model.pth   the same with 171 classes, COCO-Stuff
+
+The same seed gives the same bytes. The toy DPT is a plain (non-hybrid) ViT backbone: the
+hybrid one needs a BiT ResNet whose smallest configuration is still far from tiny, and the
+reward code treats both the same way (``DPTForDepthEstimation`` with ``predicted_depth``).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .hed import HEDNetwork
+from .lineart import LineDrawingNetwork
+
+TOY_WIDTH = 4  # HED base width and line-drawing ngf of the toy checkpoints (published: 64)
+TOY_DPT_SIZE = 64  # DPT input resolution of the toy depth model (published: 384)
+
+# A tiny mmseg EncoderDecoder: UperNet on a ResNetV1c-18 with 8 base channels. The keep-ratio
+# test resize keeps 64 px toy images at 64 px (the real ADE20K configs resize to 512).
+_TOY_SEG_CONFIG = """\
+# Toy {dataset} segmenter written by reward_models/toy.py: random weights, for tests only.
+dataset_type = '{dataset_type}'
+norm_cfg = dict(type='BN', requires_grad=True)
+data_preprocessor = dict(
+    type='SegDataPreProcessor',
+    mean=[123.675, 116.28, 103.53],
+    std=[58.395, 57.12, 57.375],
+    bgr_to_rgb=True,
+    pad_val=0,
+    seg_pad_val=255)
+model = dict(
+    type='EncoderDecoder',
+    data_preprocessor=data_preprocessor,
+    pretrained=None,
+    backbone=dict(
+        type='ResNetV1c',
+        depth=18,
+        stem_channels=8,
+        base_channels=8,
+        num_stages=4,
+        out_indices=(0, 1, 2, 3),
+        dilations=(1, 1, 1, 1),
+        strides=(1, 2, 2, 2),
+        norm_cfg=norm_cfg,
+        norm_eval=False,
+        style='pytorch',
+        contract_dilation=True),
+    decode_head=dict(
+        type='UPerHead',
+        in_channels=[8, 16, 32, 64],
+        in_index=[0, 1, 2, 3],
+        pool_scales=(1, 2, 3, 6),
+        channels=16,
+        dropout_ratio=0.1,
+        num_classes={num_classes},
+        norm_cfg=norm_cfg,
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    train_cfg=dict(),
+    test_cfg=dict(mode='whole'))
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(256, 64), keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label={reduce_zero_label}),
+    dict(type='PackSegInputs'),
+]
+"""
+
+
+def _save_state_dict(module: torch.nn.Module, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({key: value.contiguous() for key, value in module.state_dict().items()}, path)
+
+
+def write_toy_hed(path: Path, seed: int) -> None:
+    """A ControlNetHED.pth with the published keys and width TOY_WIDTH."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _save_state_dict(HEDNetwork(width=TOY_WIDTH), Path(path))
+
+
+def write_toy_lineart(path: Path, seed: int) -> None:
+    """A line-drawing model.pth with the published keys and ngf TOY_WIDTH."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _save_state_dict(LineDrawingNetwork(ngf=TOY_WIDTH), Path(path))
+
+
+def write_toy_dpt(folder: Path, seed: int) -> None:
+    """A tiny DPTForDepthEstimation folder (safetensors) with a 64 px preprocessor_config.json."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    folder = Path(folder)
+    config = DPTConfig(
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=TOY_DPT_SIZE,
+        patch_size=8,
+        backbone_out_indices=[0, 1, 2, 3],
+        reassemble_factors=[4, 2, 1, 0.5],
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_in_index=-1,
+        is_hybrid=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DPTForDepthEstimation(config)
+        # transformers initialises DPT's convolutions with std 0.02, so in a 4-layer toy the
+        # neck's features are ~1e-7 and the final ReLU outputs 0 everywhere: the toy depth
+        # reward would have no signal. Use PyTorch's default conv init instead and make the
+        # last conv output positive with some spatial variation (a relative-depth-like map).
+        convs = [m for m in [*model.neck.modules(), *model.head.modules()] if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+        for conv in convs:
+            conv.reset_parameters()
+        torch.nn.init.normal_(convs[-1].weight, std=1.0)
+        torch.nn.init.constant_(convs[-1].bias, 1.0)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    # The reward model reads its input size here, as DPTImageProcessor would.
+    preprocessor = {
+        "image_processor_type": "DPTImageProcessor",
+        "do_resize": True,
+        "size": {"height": TOY_DPT_SIZE, "width": TOY_DPT_SIZE},
+        "keep_aspect_ratio": False,
+        "do_normalize": True,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.5, 0.5, 0.5],
+    }
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+
+
+def write_toy_segmenter(folder: Path, seed: int, dataset_type: str = "ADE20KDataset") -> None:
+    """config.py + model.pth (mmengine format) of a tiny UperNet for ADE20K (150) or COCO-Stuff (171)."""
+    from mmengine.config import Config
+    from mmseg.registry import MODELS
+    from mmseg.utils import register_all_modules
+
+    from .palettes import ADE20K_PALETTE, COCO_STUFF_PALETTE
+
+    datasets = {"ADE20KDataset": ("ADE20K", 150), "COCOStuffDataset": ("COCO-Stuff", 171)}
+    if dataset_type not in datasets:
+        raise ValueError(f"toy segmenters exist for {sorted(datasets)}, not {dataset_type!r}")
+    dataset, num_classes = datasets[dataset_type]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config_text = _TOY_SEG_CONFIG.format(
+        dataset=dataset, dataset_type=dataset_type, num_classes=num_classes, reduce_zero_label=dataset_type == "ADE20KDataset"
+    )
+    (folder / "config.py").write_text(config_text)
+    register_all_modules(init_default_scope=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        segmentor = MODELS.build(Config.fromfile(str(folder / "config.py")).model)
+    # mmengine's checkpoint layout, with numpy objects in `meta` like the model-zoo files, so
+    # that loading exercises the numpy allow-list of base.load_state_dict_file.
+    palette = ADE20K_PALETTE if num_classes == len(ADE20K_PALETTE) else COCO_STUFF_PALETTE
+    checkpoint = {
+        "meta": {
+            "mmseg_version": "toy",
+            "seed": np.int64(seed),
+            "dataset_meta": {"classes": tuple(f"class{i}" for i in range(num_classes)), "palette": np.array(palette, dtype=np.uint8)},
+        },
+        "state_dict": {key: value.contiguous() for key, value in segmentor.state_dict().items()},
+    }
+    torch.save(checkpoint, folder / "model.pth")
+
+
+def write_toy_reward_models(out_dir: Path, seed: int) -> dict[str, str]:
+    """Write the toy checkpoints under ``out_dir``; return {task or name: path}.
+
+    Keys: ``hed``, ``lineart``, ``depth``, ``segmentation_ade20k``, ``segmentation_cocostuff``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "hed": out_dir / "ControlNetHED.pth",
+        "lineart": out_dir / "lineart" / "model.pth",
+        "depth": out_dir / "dpt-hybrid-midas",
+        "segmentation_ade20k": out_dir / "ade20k_seg",
+        "segmentation_cocostuff": out_dir / "cocostuff_seg",
+    }
+    # A different seed per model, so that no two toy networks share their initial weights.
+    write_toy_hed(paths["hed"], seed)
+    write_toy_lineart(paths["lineart"], seed + 1)
+    write_toy_dpt(paths["depth"], seed + 2)
+    write_toy_segmenter(paths["segmentation_ade20k"], seed + 3, "ADE20KDataset")
+    write_toy_segmenter(paths["segmentation_cocostuff"], seed + 4, "COCOStuffDataset")
+    return {name: str(path) for name, path in paths.items()}
