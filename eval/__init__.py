@@ -1,0 +1,1 @@
+"""Evaluation of ControlNet++: generation (eval.py), one script per metric, summarize.py."""

@@ -1,0 +1,345 @@
+"""Generate the evaluation images of ControlNet++ (paper Sec. 4.1, "Evaluation").
+
+For every row of an evaluation split: build the condition (canny / hed / lineart: the task's
+annotator applied to the real image; depth: control_depth; segmentation: control_seg),
+generate --num_groups images for the prompt with SD1.5 + ControlNet (UniPC, 20 steps, CFG 7.5,
+negative prompt "worst quality, low quality", 512 px, seed 42), extract the condition back
+from each generation with the same annotator, and store everything as PNG. The metric scripts
+(eval/eval_{edge,depth,seg,fid,clip}.py) then read the folder; its layout is in eval/common.py.
+
+    python eval/eval.py --task_name canny --dataset_name limingcv/MultiGen-20M_canny_eval \
+        --dataset_split validation --prompt_column text --model_path lllyasviel/control_v11p_sd15_canny \
+        --output_dir work_dirs/eval/canny/controlnet
+    accelerate launch --multi_gpu --num_processes 8 eval/eval.py ...     # 8 GPUs, rows shared
+
+Reproducible and resumable:
+- each image has its own generator, seeded from (--seed, row, group), so an image does not
+  depend on the number of processes, on the batch size or on which rows were done before;
+- rows are batched in fixed chunks of the row list, so a run restarted with the same
+  --batch_size rebuilds exactly the batches of the first run (other batch sizes give the same
+  images up to floating-point rounding: the noise is the same, the matrix kernels may differ);
+- files are written atomically (a temporary name, then a rename): a run killed at any moment
+  and started again with the same flags generates only the rows that are not complete.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: utils/, reward_models/
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+from eval.common import (CONFIG_NAME, annotation_path, condition_path, generated_path, row_files,
+                         visualization_path)
+from utils.data import load_dataset_any
+from utils.io import save_image, save_json
+
+TASKS = ("canny", "hed", "lineart", "depth", "segmentation")
+TASK_ALIASES = {"seg": "segmentation"}  # the original release's --task_name value
+MODELS = ("controlnet", "t2i-adapter", "controlnet-sdxl")
+# Columns of the paper's evaluation datasets (limingcv/...): the condition of depth and
+# segmentation is a dataset column; canny / hed / lineart compute it from the image.
+DEFAULT_CONDITION_COLUMN = {"depth": "control_depth", "segmentation": "control_seg"}
+DEFAULT_LABEL_COLUMN = {"depth": "control_depth"}
+# How each segmentation label column is written: Captioned_ADE20K's seg_map holds 1 + class
+# (0 = other, mmseg's reduce_zero_label), control_seg the ADE20K palette, COCO-Stuff's
+# panoptic_seg_map the class index with 255 = ignore.
+LABEL_FORMAT_BY_COLUMN = {"seg_map": "index_reduce_zero", "control_seg": "ade20k_palette", "panoptic_seg_map": "index"}
+# The segmentation annotator (condition extractor of the generated images) defaults to the
+# paper's reward model of the dataset: UperNet-R50 for ADE20K, DeepLabV3-R50 for COCO-Stuff.
+SEGMENTATION_ANNOTATORS = {
+    "index": "mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-160k_coco-stuff164k-512x512.py",
+    "index_reduce_zero": "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py",
+    "ade20k_palette": "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py",
+}
+# Settings that change the generated files: a folder generated with other values cannot be
+# completed by this run (checked against eval_config.json).
+GENERATION_SETTINGS = (
+    "task_name", "dataset_name", "dataset_split", "image_column", "condition_column", "prompt_column",
+    "label_column", "label_format", "model", "model_path", "sd_path", "vae_path", "guidance_scale",
+    "num_inference_steps", "num_groups", "resolution", "seed", "negative_prompt", "mixed_precision",
+    "reward_model_name_or_path", "reward_model_checkpoint", "ddim",
+)
+
+
+def parse_args(args=None):
+    parser = argparse.ArgumentParser(description="Generate ControlNet++ evaluation images (paper protocol by default).")
+    parser.add_argument("--task_name", required=True, help=f"one of {TASKS} ('seg' = segmentation)")
+    parser.add_argument("--dataset_name", required=True, help="hub id or a local save_to_disk folder")
+    parser.add_argument("--dataset_split", default="validation")
+    parser.add_argument("--cache_dir", default=None, help="datasets cache folder for hub ids")
+    parser.add_argument("--image_column", default="image")
+    parser.add_argument("--condition_column", default=None,
+                        help="depth: control_depth, segmentation: control_seg (defaults); canny / hed / lineart "
+                             "compute the condition from --image_column and ignore this flag")
+    parser.add_argument("--prompt_column", default=None, help="default: 'text' if the dataset has it, else 'prompt'")
+    parser.add_argument("--label_column", default=None,
+                        help="what the metric compares with: depth: control_depth (default); segmentation: "
+                             "seg_map (ADE20K) or panoptic_seg_map (COCO-Stuff), required")
+    parser.add_argument("--label_format", default=None, choices=("ade20k_palette", "index", "index_reduce_zero"),
+                        help="segmentation: how --label_column is written; default from its name "
+                             f"({LABEL_FORMAT_BY_COLUMN})")
+    parser.add_argument("--model", default="controlnet", choices=MODELS)
+    parser.add_argument("--model_path", required=True, help="the ControlNet (or T2I-Adapter) to evaluate")
+    parser.add_argument("--sd_path", default="runwayml/stable-diffusion-v1-5")
+    parser.add_argument("--vae_path", default=None,
+                        help="replace the pipeline's VAE (the original used madebyollin/sdxl-vae-fp16-fix for SDXL)")
+    parser.add_argument("--reward_model_name_or_path", default=None,
+                        help="the task's annotator (condition extractor); default: the paper's reward model")
+    parser.add_argument("--reward_model_checkpoint", default=None, help="segmentation annotator checkpoint")
+    parser.add_argument("--guidance_scale", type=float, default=7.5)
+    parser.add_argument("--num_inference_steps", type=int, default=20)
+    parser.add_argument("--ddim", action="store_true", help="DDIM instead of UniPC (the original's flag)")
+    parser.add_argument("--num_groups", type=int, default=4, help="images per prompt; group_k holds the k-th")
+    parser.add_argument("--batch_size", type=int, default=16,
+                        help="images per pipeline call, rounded down to whole prompts (at least one prompt)")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--negative_prompt", default="worst quality, low quality")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N rows")
+    parser.add_argument("--mixed_precision", default=None, choices=("no", "fp16", "bf16"),
+                        help="pipeline dtype; default fp16 on CUDA (the paper), no (fp32) on CPU")
+    parser.add_argument("--output_dir", default=None,
+                        help="default: work_dirs/eval_dirs/<dataset>/<split>/<model_path>_<cfg>-<steps> (the original's)")
+    args = parser.parse_args(args)
+
+    args.task_name = TASK_ALIASES.get(args.task_name, args.task_name)
+    if args.task_name not in TASKS:
+        parser.error(f"--task_name must be one of {TASKS}, got {args.task_name!r}")
+    if args.task_name in DEFAULT_CONDITION_COLUMN:
+        args.condition_column = args.condition_column or DEFAULT_CONDITION_COLUMN[args.task_name]
+    else:
+        args.condition_column = None  # computed from the image by the annotator
+    if args.task_name == "depth":
+        args.label_column = args.label_column or DEFAULT_LABEL_COLUMN["depth"]
+    if args.task_name == "segmentation":
+        if args.label_column is None:
+            parser.error("segmentation needs --label_column: seg_map for ADE20K, panoptic_seg_map for COCO-Stuff")
+        if args.label_format is None:
+            if args.label_column not in LABEL_FORMAT_BY_COLUMN:
+                parser.error(f"cannot tell how --label_column {args.label_column} is written; pass --label_format")
+            args.label_format = LABEL_FORMAT_BY_COLUMN[args.label_column]
+        args.reward_model_name_or_path = args.reward_model_name_or_path or SEGMENTATION_ANNOTATORS[args.label_format]
+    elif args.label_format is not None:
+        parser.error("--label_format is for --task_name segmentation only")
+    if args.num_groups < 1 or args.num_inference_steps < 1 or args.resolution < 8 or args.resolution % 8:
+        parser.error("--num_groups and --num_inference_steps must be >= 1 and --resolution a multiple of 8")
+    if args.max_samples is not None and args.max_samples < 1:
+        parser.error("--max_samples must be >= 1")
+    if args.mixed_precision is None:
+        args.mixed_precision = "fp16" if torch.cuda.is_available() else "no"
+    if args.output_dir is None:
+        args.output_dir = str(Path("work_dirs/eval_dirs") / Path(args.dataset_name).name / args.dataset_split
+                              / f"{args.model_path.replace('/', '_')}_{args.guidance_scale}-{args.num_inference_steps}")
+    return args
+
+
+def image_seed(seed: int, row: int, group: int) -> int:
+    """Seed of one image: distinct for every (seed, row, group), independent of everything else."""
+    return int(np.random.SeedSequence([seed, row, group]).generate_state(1)[0])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, C, H, W) float in [0, 1] -> (B, H, W, C) uint8, rounded as diffusers' numpy_to_pil."""
+    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_float(images_uint8: np.ndarray, device) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on ``device``."""
+    return torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
+
+
+def load_pipeline(args, dtype: torch.dtype):
+    import diffusers
+
+    common = dict(torch_dtype=dtype)
+    if args.vae_path:
+        common["vae"] = diffusers.AutoencoderKL.from_pretrained(args.vae_path, torch_dtype=dtype)
+    if args.model == "controlnet":
+        controlnet = diffusers.ControlNetModel.from_pretrained(args.model_path, torch_dtype=dtype)
+        pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+            args.sd_path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, **common)
+    elif args.model == "t2i-adapter":
+        adapter = diffusers.T2IAdapter.from_pretrained(args.model_path, torch_dtype=dtype)
+        pipe = diffusers.StableDiffusionAdapterPipeline.from_pretrained(
+            args.sd_path, adapter=adapter, safety_checker=None, requires_safety_checker=False, **common)
+    else:  # controlnet-sdxl
+        controlnet = diffusers.ControlNetModel.from_pretrained(args.model_path, torch_dtype=dtype)
+        pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(args.sd_path, controlnet=controlnet, **common)
+    scheduler_class = diffusers.DDIMScheduler if args.ddim else diffusers.UniPCMultistepScheduler
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def check_columns(dataset, args) -> None:
+    columns = set(dataset.column_names)
+    wanted = {"--image_column": args.image_column, "--prompt_column": args.prompt_column,
+              "--condition_column": args.condition_column, "--label_column": args.label_column}
+    for flag, column in wanted.items():
+        if column is not None and column not in columns:
+            raise KeyError(f"{args.dataset_name} ({args.dataset_split}) has no column {column!r} ({flag}); "
+                           f"its columns are {sorted(columns)}.")
+
+
+def check_or_write_config(output_dir: Path, config: dict) -> None:
+    """Refuse to complete a folder generated with other settings; record the settings otherwise."""
+    path = output_dir / CONFIG_NAME
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = [k for k in GENERATION_SETTINGS if previous.get(k) != config.get(k)]
+        if changed:
+            details = ", ".join(f"--{k} {previous.get(k)!r} there vs {config.get(k)!r} now" for k in changed)
+            raise ValueError(f"{output_dir} holds images generated with other settings ({details}). Pass the same "
+                             "settings to complete it, or another --output_dir.")
+    save_json(config, path)
+
+
+def remove_stale_temporaries(output_dir: Path) -> None:
+    """Temporary files of a killed run (utils.io.atomic_write names them .<name>.<random>.tmp)."""
+    for path in output_dir.rglob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def read_row(dataset, row: int, args) -> dict:
+    """Real image, prompt, condition / label images of one row, resized to the resolution."""
+    example = dataset[row]
+    size = (args.resolution, args.resolution)
+    prompt = example[args.prompt_column]
+    if isinstance(prompt, (list, tuple)):  # several captions: the first at evaluation (REFERENCE)
+        prompt = prompt[0]
+    # Bicubic as in training and in the original evaluation; labels nearest (no blended classes).
+    item = {"row": row, "prompt": prompt, "image": example[args.image_column].convert("RGB").resize(size, Image.BICUBIC)}
+    if args.condition_column:
+        item["condition"] = example[args.condition_column].convert("RGB").resize(size, Image.BICUBIC)
+    if args.label_column:
+        item["label"] = example[args.label_column]
+    return item
+
+
+def conditions_and_annotations(items: list[dict], annotator, args, device) -> tuple[np.ndarray, np.ndarray]:
+    """ControlNet inputs (B, H, W, 3) uint8 and what the metric compares with (B, H, W) uint8."""
+    if args.condition_column is None:
+        # canny / hed / lineart: the annotator's condition of the real image, which is also the
+        # annotation (hed/lineart: the input condition; canny: the real image's edges).
+        real = to_float(np.stack([np.asarray(item["image"]) for item in items]), device)
+        conditions = to_uint8(annotator.extract_condition(real))
+        return conditions, conditions[..., 0]
+    conditions = np.stack([np.asarray(item["condition"]) for item in items])
+    if args.task_name == "depth":
+        # The raw control_depth map (channel mean, as the reward's label): eval_depth.py normalises it.
+        label = np.stack([np.asarray(item["label"].convert("RGB").resize(conditions.shape[1:3][::-1], Image.BICUBIC))
+                          for item in items])
+        return conditions, label.astype(np.float32).mean(-1).round().astype(np.uint8)
+    from reward_models.segmentation import label_image_to_index
+
+    labels = []
+    for item in items:
+        label = label_image_to_index(item["label"], args.label_format)  # (h, w) int64, 255 = ignore
+        label = Image.fromarray(label.astype(np.uint8)).resize((args.resolution, args.resolution), Image.NEAREST)
+        labels.append(np.asarray(label))
+    return conditions, np.stack(labels)
+
+
+def visualization(condition: np.ndarray, real: np.ndarray, generated: np.ndarray, extracted: np.ndarray) -> np.ndarray:
+    """Top: input condition | the generations; bottom: real image | their extracted conditions."""
+    top = np.concatenate([condition, *generated], axis=1)
+    bottom = np.concatenate([real, *extracted], axis=1)
+    return np.concatenate([top, bottom], axis=0)
+
+
+def main(args=None):
+    args = parse_args(args)
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    from tqdm.auto import tqdm
+
+    from reward_models import build_reward_model
+
+    # PartialState (unlike Accelerator) ignores ACCELERATE_USE_CPU: without cpu=True, processes
+    # launched on a machine without CUDA would each run the whole evaluation alone.
+    state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
+    dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    output_dir = Path(args.output_dir)
+
+    dataset = load_dataset_any(args.dataset_name, args.dataset_split, cache_dir=args.cache_dir)
+    if args.prompt_column is None:
+        args.prompt_column = "text" if "text" in dataset.column_names else "prompt"
+    check_columns(dataset, args)
+    num_rows = len(dataset) if args.max_samples is None else min(args.max_samples, len(dataset))
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        check_or_write_config(output_dir, {**vars(args), "num_rows": num_rows})
+        remove_stale_temporaries(output_dir)
+    state.wait_for_everyone()
+
+    # Fixed chunks of the row list; a chunk is (re)generated when any of its rows is incomplete.
+    # Every process scans before any process writes (the barrier below), so all agree on the plan.
+    rows_per_batch = max(1, args.batch_size // args.num_groups)
+    chunks = [list(range(i, min(i + rows_per_batch, num_rows))) for i in range(0, num_rows, rows_per_batch)]
+    todo = [c for c in chunks if not all(p.is_file() for r in c for p in row_files(output_dir, r, args.num_groups))]
+    state.wait_for_everyone()
+    mine = todo[state.process_index::state.num_processes]
+    if state.is_main_process:
+        print(f"{num_rows} rows x {args.num_groups} images: {len(chunks) - len(todo)} of {len(chunks)} batches done, "
+              f"{len(todo)} to generate on {state.num_processes} process(es) -> {output_dir}", flush=True)
+
+    if not todo:
+        return
+    with state.main_process_first():  # the first process fills caches, the others read them
+        pipe = load_pipeline(args, dtype).to(state.device)
+        annotator = build_reward_model(
+            args.task_name, args.reward_model_name_or_path, device=state.device,
+            **({"checkpoint": args.reward_model_checkpoint, "label_format": args.label_format}
+               if args.task_name == "segmentation" else {}))
+    single_channel = args.model == "t2i-adapter" and pipe.adapter.config.in_channels == 1
+
+    start = time.perf_counter()
+    for chunk in tqdm(mine, desc=f"generating (process {state.process_index})", disable=not state.is_main_process):
+        items = [read_row(dataset, row, args) for row in chunk]
+        conditions, annotations = conditions_and_annotations(items, annotator, args, state.device)
+        condition_images = [Image.fromarray(c).convert("L" if single_channel else "RGB") for c in conditions]
+        # Row-major: row 0 group 0..G-1, row 1 group 0..G-1, ...; one generator per image.
+        generators = [torch.Generator("cpu").manual_seed(image_seed(args.seed, item["row"], g))
+                      for item in items for g in range(args.num_groups)]
+        with torch.no_grad():
+            generated = pipe(
+                prompt=[item["prompt"] for item in items for _ in range(args.num_groups)],
+                image=[c for c in condition_images for _ in range(args.num_groups)],
+                negative_prompt=[args.negative_prompt] * len(generators),
+                height=args.resolution, width=args.resolution,
+                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                generator=generators, output_type="np",  # "np" works for every pipeline class
+            ).images
+        # (B, H, W, 3) float in [0, 1] -> uint8, rounded as diffusers' numpy_to_pil; what is saved
+        # is what gets scored.
+        generated = (np.clip(generated, 0, 1) * 255).round().astype(np.uint8)
+        extracted = to_uint8(annotator.extract_condition(to_float(generated, state.device)))
+        # Edge and depth conditions are grey maps repeated x3: stored with one channel.
+        stored = extracted if args.task_name == "segmentation" else extracted[..., 0]
+        generated = generated.reshape(len(items), args.num_groups, *generated.shape[1:])
+        extracted = extracted.reshape(len(items), args.num_groups, *extracted.shape[1:])
+        stored = stored.reshape(len(items), args.num_groups, *stored.shape[1:])
+        for i, item in enumerate(items):
+            row = item["row"]
+            save_image(annotations[i], annotation_path(output_dir, row))
+            for g in range(args.num_groups):
+                save_image(generated[i, g], generated_path(output_dir, g, row))
+                save_image(stored[i, g], condition_path(output_dir, g, row))
+            # Written last: its presence means the row is complete (all files are atomic).
+            save_image(visualization(conditions[i], np.asarray(item["image"]), generated[i], extracted[i]),
+                       visualization_path(output_dir, row))
+    elapsed = time.perf_counter() - start
+    print(f"process {state.process_index}: {sum(map(len, mine)) * args.num_groups} images in {elapsed:.1f} s", flush=True)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        print(f"done: {output_dir}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
