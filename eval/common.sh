@@ -4,7 +4,7 @@
 # Every setting below can be overridden by an environment variable of the same name.
 set -euo pipefail
 
-SD_PATH=${SD_PATH:-runwayml/stable-diffusion-v1-5}
+SD_PATH=${SD_PATH:-stable-diffusion-v1-5/stable-diffusion-v1-5}    # SD1.5 (the runwayml repo was removed)
 MODEL_PATH=${MODEL_PATH:-$DEFAULT_MODEL_PATH}                # the ControlNet to evaluate
 DATASET=${DATASET:-$DEFAULT_DATASET}
 SPLIT=${SPLIT:-validation}

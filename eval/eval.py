@@ -86,7 +86,7 @@ def parse_args(args=None):
                              f"({LABEL_FORMAT_BY_COLUMN})")
     parser.add_argument("--model", default="controlnet", choices=MODELS)
     parser.add_argument("--model_path", required=True, help="the ControlNet (or T2I-Adapter) to evaluate")
-    parser.add_argument("--sd_path", default="runwayml/stable-diffusion-v1-5")
+    parser.add_argument("--sd_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
     parser.add_argument("--vae_path", default=None,
                         help="replace the pipeline's VAE (the original used madebyollin/sdxl-vae-fp16-fix for SDXL)")
     parser.add_argument("--reward_model_name_or_path", default=None,

@@ -24,6 +24,9 @@ for a in "$@"; do
 done
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# The toy models are tiny: one thread per process is faster than a pool that fights the
+# 2-process (gloo) tests for the cores, and keeps pixel-exact comparisons reproducible.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 set +e
 .venv/bin/python -m pytest "${args[@]}"
 rc=$?
