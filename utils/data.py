@@ -36,3 +36,214 @@ def load_dataset_any(name_or_path: str, split: str | None = None, cache_dir: str
             )
         return ds[split]
     return ds
+
+
+# --------------------------------------------------------------------------------------------
+# Training rows: decoding, transforms, collation
+# --------------------------------------------------------------------------------------------
+
+
+def require_columns(dataset, columns: dict[str, str | None], dataset_name: str) -> None:
+    """Fail early, naming the flag, if a configured column is not in the dataset.
+
+    ``columns`` maps a flag (``--image_column``) to its value; None values are not checked.
+    """
+    available = list(dataset.column_names)
+    for flag, column in columns.items():
+        if column is not None and column not in available:
+            raise ValueError(
+                f"{flag} {column!r} is not a column of dataset {dataset_name}; its columns are "
+                f"{available}. Pass {flag} with one of them."
+            )
+
+
+def _pil_from_value(value, column: str, index: int):
+    """Decode one stored image cell (datasets ``Image`` with decode=False, a path, an array, a PIL image)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    try:
+        if isinstance(value, Image.Image):
+            image = value
+        elif isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
+            image = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") is not None else Image.open(value["path"])
+        elif isinstance(value, (str, os.PathLike)):
+            image = Image.open(value)
+        elif isinstance(value, np.ndarray):
+            image = Image.fromarray(value)
+        else:
+            raise TypeError(f"unsupported cell type {type(value).__name__}")
+        image.load()  # decode now: a truncated file must fail here, where the row is known
+    except Exception as error:
+        raise ValueError(
+            f"row {index} of column {column!r}: cannot read the image ({type(error).__name__}: {error}). "
+            "Fix or remove that row (e.g. dataset.filter, then save_to_disk) and pass the fixed dataset."
+        ) from error
+    return image
+
+
+def to_rgb(image):
+    """Any PIL mode -> RGB. 16/32-bit grayscale (depth maps) is rescaled to 8 bits, not clipped."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max()
+        if peak > 255:
+            array = array * (255.0 / peak)
+        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
+    # L, LA, P, RGBA, CMYK, ...: PIL's conversion keeps the colours and drops alpha.
+    return image.convert("RGB")
+
+
+class ControlNetRows:
+    """A map-style dataset of training rows: the transforms of REFERENCE.md "Data".
+
+    Each row: target image resized (bicubic, antialias) so its shorter side is ``resolution``
+    and normalised to [-1, 1]; the conditioning image resized (bicubic) to the same size, in
+    [0, 1]; the label map through ``label_from_image`` then resized (nearest); one crop of
+    ``resolution`` (random in training, centred in eval) applied jointly to all three.
+
+    Randomness (crop, caption choice, condition dropout) comes from a generator seeded by
+    (seed, epoch, row index), so a row transforms the same way whatever the worker, the number
+    of processes or a resume in the middle of an epoch. Call ``set_epoch`` at each epoch.
+    """
+
+    def __init__(
+        self,
+        dataset,
+        tokenizer,
+        resolution: int,
+        image_column: str,
+        caption_column: str,
+        conditioning_image_column: str | None = None,
+        label_column: str | None = None,
+        label_from_image=None,
+        train: bool = True,
+        seed: int = 0,
+        image_condition_dropout: float = 0.0,
+        text_condition_dropout: float = 0.0,
+        all_condition_dropout: float = 0.0,
+        dataset_name: str = "the dataset",
+    ):
+        import datasets
+
+        require_columns(
+            dataset,
+            {"--image_column": image_column, "--caption_column": caption_column,
+             "--conditioning_image_column": conditioning_image_column, "--label_column": label_column},
+            dataset_name,
+        )
+        if label_column is not None and label_from_image is None:
+            raise ValueError("--label_column needs a reward model that turns label images into class maps.")
+        self.image_columns = [c for c in (image_column, conditioning_image_column, label_column) if c is not None]
+        # Unused columns (e.g. ADE20K's seg_map) would otherwise be read and decoded for every row.
+        dataset = dataset.select_columns(list(dict.fromkeys([*self.image_columns, caption_column])))
+        # Decode images ourselves, column by column, so a corrupt cell is reported with its column and row.
+        for column in set(self.image_columns):
+            if isinstance(dataset.features.get(column), datasets.Image):
+                dataset = dataset.cast_column(column, datasets.Image(decode=False))
+        self.dataset = dataset
+        self.tokenizer = tokenizer
+        self.resolution = resolution
+        self.image_column, self.caption_column = image_column, caption_column
+        self.conditioning_image_column, self.label_column = conditioning_image_column, label_column
+        self.label_from_image = label_from_image
+        self.train = train
+        self.seed = seed
+        self.dropouts = (image_condition_dropout, text_condition_dropout, all_condition_dropout)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _rng(self, index: int):
+        import numpy as np
+
+        return np.random.default_rng([self.seed, self.epoch, index])
+
+    def caption(self, index: int, rng=None) -> str:
+        """The row's caption: a random one of a list in training (``rng``), the first otherwise."""
+        value = self.dataset[index][self.caption_column]
+        if isinstance(value, (list, tuple)):
+            if not value or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"row {index} of column {self.caption_column!r}: expected a string or a non-empty "
+                                 f"list of strings, got {value!r}.")
+            return value[int(rng.integers(len(value)))] if rng is not None else value[0]
+        if not isinstance(value, str):
+            raise ValueError(f"row {index} of column {self.caption_column!r}: expected a string or a list of "
+                             f"strings, got {type(value).__name__}. Pass the right --caption_column.")
+        return value
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+        import torchvision.transforms.functional as TF
+        from torchvision.transforms import InterpolationMode
+
+        rng = self._rng(index) if self.train else None
+        row = self.dataset[index]
+        image = to_rgb(_pil_from_value(row[self.image_column], self.image_column, index))
+        image = TF.resize(image, self.resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        width, height = image.size
+        if rng is not None:
+            top = int(rng.integers(height - self.resolution + 1))
+            left = int(rng.integers(width - self.resolution + 1))
+        else:
+            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
+
+        def crop(tensor):
+            return tensor[..., top : top + self.resolution, left : left + self.resolution]
+
+        out = {"pixel_values": crop(TF.to_tensor(image) * 2.0 - 1.0), "index": index}
+        if self.conditioning_image_column is not None:
+            condition = to_rgb(_pil_from_value(row[self.conditioning_image_column], self.conditioning_image_column, index))
+            condition = TF.resize(condition, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            out["conditioning_pixel_values"] = crop(TF.to_tensor(condition))
+        if self.label_column is not None:
+            label_image = _pil_from_value(row[self.label_column], self.label_column, index)
+            label = torch.from_numpy(self.label_from_image(label_image)).long()
+            label = TF.resize(label[None], [height, width], interpolation=InterpolationMode.NEAREST)[0]
+            out["labels"] = crop(label)
+
+        caption = self.caption(index, rng)
+        # Condition dropout for classifier-free guidance (paper follows ControlNet: all 0 by
+        # default). One uniform draw picks at most one of: drop image, drop text, drop both.
+        drop_image = drop_text = False
+        if rng is not None and sum(self.dropouts) > 0:
+            u = float(rng.random())
+            p_image, p_text, p_all = self.dropouts
+            drop_image = u < p_image or p_image + p_text <= u < p_image + p_text + p_all
+            drop_text = p_image <= u < p_image + p_text + p_all
+        if drop_text:
+            caption = ""
+        out["input_ids"] = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids[0]
+        # The ControlNet input is zeroed in the training step, not here: canny/hed/lineart compute
+        # it there, and the depth reward's target must still see the real control_depth.
+        out["drop_condition"] = drop_image
+        return out
+
+
+def collate_rows(rows: list[dict]) -> dict:
+    """Stack rows into the batch of docs/ARCHITECTURE.md "Collated training batch"."""
+    import torch
+
+    batch = {}
+    for key in rows[0]:
+        values = [row[key] for row in rows]
+        if isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values).contiguous()
+        elif isinstance(values[0], bool):
+            batch[key] = torch.tensor(values, dtype=torch.bool)
+        else:
+            batch[key] = torch.tensor(values, dtype=torch.int64)
+    if "pixel_values" in batch:
+        batch["pixel_values"] = batch["pixel_values"].float().contiguous(memory_format=torch.contiguous_format)
+    return batch

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# ControlNet++ reward fine-tuning, task hed (paper Table 8: grad_scale 1.0, 10000 steps, warmup 0).
+#   train/reward_hed.sh                               # the paper's run (8 GPUs)
+#   NUM_PROCESSES=1 TRAIN_BATCH_SIZE=2 train/reward_hed.sh --max_train_steps 10   # flags after it override
+# Environment: SD_PATH CONTROLNET_PATH REWARD_MODEL_PATH REWARD_MODEL_CHECKPOINT DATASET OUTPUT_DIR
+# NUM_PROCESSES MIXED_PRECISION RESOLUTION TRAIN_BATCH_SIZE GRAD_ACCUM MAX_TRAIN_STEPS
+# CHECKPOINTING_STEPS VALIDATION_STEPS ACCELERATE_CONFIG (see train/README.md).
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
+paper_args 10000 0
+reward_model_args "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth"
+run_accelerate train/reward_control.py \
+    --task_name hed \
+    --controlnet_model_name_or_path "${CONTROLNET_PATH:-lllyasviel/control_v11p_sd15_softedge}" \
+    "${REWARD_ARGS[@]}" \
+    --dataset_name "${DATASET:-limingcv/MultiGen-20M_train}" \
+    --image_column image \
+    --caption_column text \
+    --grad_scale 1.0 \
+    "${REWARD_WINDOW_ARGS[@]}" \
+    "${PAPER_ARGS[@]}" \
+    --tracker_project_name reward_hed \
+    --output_dir "${OUTPUT_DIR:-work_dirs/reward_model/hed}" \
+    "$@"

@@ -1,0 +1,877 @@
+"""What train/reward_control.py and train/train_controlnet.py share: flags, models, the step, the loop.
+
+Both stages train only the ControlNet on top of a frozen Stable Diffusion 1.5:
+
+    train/train_controlnet.py   diffusion loss only (stage one of segmentation)
+    train/reward_control.py     diffusion loss + grad_scale * reward loss (ControlNet++)
+
+``training_step`` is the paper's step (arXiv 2404.07987, Sec. 3.3 and docs/REFERENCE "Training
+step") with the reward term optional; ``train`` is the accelerate loop around it (accumulation,
+EMA, checkpoints, validation, logs). The flags keep the names and meanings of the original
+release, which keeps those of diffusers' ``examples/controlnet/train_controlnet.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from utils.data import ControlNetRows, collate_rows, load_dataset_any, require_columns, to_rgb
+from utils.diffusion import diffusion_target, masked_mean_reward, reward_window_mask, single_step_x0
+from utils.ema import ModelEMA
+from utils.io import save_image, save_json
+
+logger = logging.getLogger("controlnet_pp.train")
+
+CONFIG_FILE = "training_config.json"  # all resolved args, in the output dir and every checkpoint
+CONTROLNET_SUBFOLDER = "controlnet"  # inside checkpoint-<N>/: training weights, diffusers format
+EMA_SUBFOLDER = "controlnet_ema"  # inside checkpoint-<N>/ and output_dir/: EMA weights, diffusers format
+REWARD_TASKS = ("canny", "hed", "lineart", "depth", "segmentation")  # == reward_models.REWARD_MODELS
+
+
+# --------------------------------------------------------------------------------------------
+# Flags
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
+    """The flags of both stages; ``reward`` adds the reward-model and reward-window flags."""
+    p = argparse.ArgumentParser(description=description)
+    a = p.add_argument
+    # Models
+    a("--pretrained_model_name_or_path", required=True, help="SD1.5 folder or hub id (diffusers layout).")
+    a("--controlnet_model_name_or_path", default=None,
+      help="ControlNet to start from (folder or hub id); default: initialised from the UNet.")
+    a("--revision", default=None, help="revision of the pretrained model on the hub.")
+    a("--variant", default=None, help="variant of the model files, e.g. fp16.")
+    a("--tokenizer_name", default=None, help="tokenizer folder/id if not the SD folder's tokenizer/.")
+    a("--cache_dir", default=None, help="where downloaded models and datasets are cached.")
+    # Data
+    a("--dataset_name", default=None, help="dataset hub id or a folder written by save_to_disk.")
+    a("--dataset_config_name", default=None, help="unused, kept so original command lines run.")
+    a("--train_data_dir", default=None, help="alias of --dataset_name for a local folder (diffusers).")
+    a("--dataset_split", default="train", help="split of the dataset to train on.")
+    a("--image_column", default="image", help="column of the target image.")
+    a("--conditioning_image_column", default=None,
+      help="column of the ControlNet condition (depth: control_depth, segmentation: control_seg); "
+           "canny/hed/lineart compute it from the image.")
+    a("--caption_column", default="text", help="column of the caption (a string or a list of strings).")
+    a("--label_column", default=None, help="column of the segmentation label image (segmentation only).")
+    a("--max_train_samples", type=int, default=None, help="train on the first N rows only.")
+    a("--keep_in_memory", action="store_true", help="load the whole dataset into RAM.")
+    a("--resolution", type=int, default=512, help="training resolution; must be divisible by 8.")
+    a("--image_condition_dropout", type=float, default=0.0, help="probability of a black condition.")
+    a("--text_condition_dropout", type=float, default=0.0, help="probability of an empty caption.")
+    a("--all_condition_dropout", type=float, default=0.0, help="probability of dropping both.")
+    a("--dataloader_num_workers", type=int, default=0, help="0 loads in the main process.")
+    # Optimisation
+    a("--seed", type=int, default=None, help="seed of everything random; default 0 (runs are reproducible).")
+    a("--train_batch_size", type=int, default=4, help="batch size per process.")
+    a("--num_train_epochs", type=int, default=1, help="ignored when --max_train_steps is given.")
+    a("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs.")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true", help="recompute activations to save memory.")
+    a("--learning_rate", type=float, default=5e-6)
+    a("--scale_lr", action="store_true", help="multiply the lr by accumulation x batch x processes.")
+    a("--lr_scheduler", default="constant",
+      help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
+    a("--lr_warmup_steps", type=int, default=500)
+    a("--lr_num_cycles", type=int, default=1)
+    a("--lr_power", type=float, default=1.0)
+    a("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_weight_decay", type=float, default=1e-2)
+    a("--adam_epsilon", type=float, default=1e-08)
+    a("--max_grad_norm", type=float, default=1.0)
+    a("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere+ GPUs.")
+    a("--set_grads_to_none", action="store_true", help="zero_grad(set_to_none=True).")
+    a("--enable_xformers_memory_efficient_attention", action="store_true",
+      help="xformers attention (torch's SDPA, the default, is as fast and needs nothing).")
+    a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+      help="default: accelerate config; frozen models run in it, the ControlNet stays fp32.")
+    a("--use_ema", action="store_true", help="keep an EMA of the ControlNet (saved in controlnet_ema/).")
+    a("--ema_decay", type=float, default=0.9999, help="EMA decay (ramped as (1+n)/(10+n) at the start).")
+    a("--diffusion_loss_weight", type=float, default=1.0,
+      help="weight of the diffusion loss; 0 trains on the reward alone.")
+    a("--timestep_sampling_start", type=int, default=0, help="t ~ U[start, end).")
+    a("--timestep_sampling_end", type=int, default=1000)
+    a("--max_nonfinite_steps", type=int, default=10,
+      help="stop after this many optimizer steps in a row whose loss is not finite.")
+    # Checkpoints, validation, logs
+    a("--output_dir", default="controlnet-model")
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None, help="keep at most this many checkpoints.")
+    a("--resume_from_checkpoint", default=None, help="a checkpoint-<N> path, or 'latest' in --output_dir.")
+    a("--validation_steps", type=int, default=100)
+    a("--validation_prompt", nargs="+", default=None, help="prompts; pair with --validation_image.")
+    a("--validation_image", nargs="+", default=None,
+      help="condition images; default: conditions and captions of the first training rows.")
+    a("--num_validation_images", type=int, default=4, help="images generated per validation input.")
+    a("--num_validation_rows", type=int, default=4,
+      help="without --validation_image: how many of the first training rows to validate on.")
+    a("--num_validation_inference_steps", type=int, default=20, help="UniPC steps at validation.")
+    a("--tracker_project_name", default="train_controlnet")
+    a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    a("--logging_dir", default="logs", help="tensorboard folder, inside --output_dir.")
+    a("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
+    if reward:
+        a("--task_name", required=True, choices=REWARD_TASKS, help="which reward model (paper Table 1).")
+        a("--reward_model_name_or_path", default=None,
+          help="reward model weights (default: the paper's, see reward_models.DEFAULT_REWARD_MODEL_PATHS).")
+        a("--reward_model_checkpoint", default=None,
+          help="segmentation: checkpoint for a config-based reward model ('random' = random weights, for tests).")
+        a("--label_format", default=None, choices=["ade20k_palette", "index", "index_reduce_zero"],
+          help="segmentation: how label images encode classes; default inferred from the reward config.")
+        a("--grad_scale", type=float, default=1.0, help="weight of the reward loss (paper Table 8).")
+        a("--min_timestep_rewarding", type=int, default=0, help="reward samples with t >= this.")
+        a("--max_timestep_rewarding", type=int, default=200, help="reward samples with t <= this.")
+    return p
+
+
+def _reward_class(task: str):
+    from reward_models import REWARD_MODELS
+
+    return REWARD_MODELS[task]
+
+
+def needs_label_column(task: str) -> bool:
+    """Whether the task's reward compares against a label map (it turns label images into classes)."""
+    from reward_models.base import RewardModel
+
+    return _reward_class(task).label_from_image is not RewardModel.label_from_image
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Reject flag combinations up front, with a sentence that says what to change."""
+    reward = hasattr(args, "task_name")
+    if args.dataset_name is None:
+        args.dataset_name = args.train_data_dir
+    if args.dataset_name is None:
+        raise ValueError("Pass --dataset_name (a hub id or a folder written by save_to_disk).")
+    if args.seed is None:
+        args.seed = 0
+    if args.resolution % 8 != 0:
+        raise ValueError(f"--resolution {args.resolution} is not divisible by 8 (the VAE's factor); "
+                         f"use e.g. {args.resolution // 8 * 8 or 8}.")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_steps",
+                 "num_validation_images", "num_validation_rows", "num_validation_inference_steps",
+                 "max_nonfinite_steps"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise ValueError(f"--max_train_steps must be >= 1, got {args.max_train_steps}.")
+    for flag in ("image_condition_dropout", "text_condition_dropout", "all_condition_dropout"):
+        if not 0.0 <= getattr(args, flag) <= 1.0:
+            raise ValueError(f"--{flag} must be a probability in [0, 1], got {getattr(args, flag)}.")
+    total = args.image_condition_dropout + args.text_condition_dropout + args.all_condition_dropout
+    if total > 1.0:
+        raise ValueError(f"the three condition dropouts add up to {total} > 1; lower them.")
+    if not 0 <= args.timestep_sampling_start < args.timestep_sampling_end:
+        raise ValueError(f"--timestep_sampling_start {args.timestep_sampling_start} must be >= 0 and below "
+                         f"--timestep_sampling_end {args.timestep_sampling_end} (t ~ U[start, end)).")
+    if args.diffusion_loss_weight < 0:
+        raise ValueError(f"--diffusion_loss_weight must be >= 0, got {args.diffusion_loss_weight}.")
+    if (args.validation_prompt is None) != (args.validation_image is None):
+        raise ValueError("Pass --validation_prompt and --validation_image together (or neither: the first "
+                         "training rows are then used).")
+    if args.validation_image is not None:
+        n_prompt, n_image = len(args.validation_prompt), len(args.validation_image)
+        if n_prompt != n_image and 1 not in (n_prompt, n_image):
+            raise ValueError(f"{n_prompt} --validation_prompt and {n_image} --validation_image: pass one of "
+                             "either, or as many of each.")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--use_8bit_adam needs bitsandbytes, which is not installed: `pip install bitsandbytes` "
+                         "(CUDA only) or drop --use_8bit_adam.")
+    if args.enable_xformers_memory_efficient_attention and importlib.util.find_spec("xformers") is None:
+        raise ValueError("--enable_xformers_memory_efficient_attention needs xformers, which is not installed; "
+                         "drop the flag (torch's scaled-dot-product attention is used by default).")
+    if args.push_to_hub:
+        raise ValueError("--push_to_hub is not supported; upload --output_dir with `huggingface-cli upload`.")
+    if args.resume_from_checkpoint not in (None, "latest") and not Path(args.resume_from_checkpoint).is_dir():
+        candidate = Path(args.output_dir) / args.resume_from_checkpoint
+        if not candidate.is_dir():
+            raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint} is not a folder (nor inside "
+                             f"--output_dir); pass a checkpoint-<N> folder or 'latest'.")
+    if args.report_to not in ("tensorboard", "wandb", "all", "none"):
+        raise ValueError(f"--report_to {args.report_to!r}: choose tensorboard, wandb, all or none.")
+    if args.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
+        raise ValueError("--report_to wandb needs wandb: `pip install wandb`, or use --report_to tensorboard.")
+
+    if reward:
+        if not args.timestep_sampling_start <= args.min_timestep_rewarding <= args.max_timestep_rewarding \
+                < args.timestep_sampling_end:
+            raise ValueError(
+                f"the reward window [--min_timestep_rewarding {args.min_timestep_rewarding}, "
+                f"--max_timestep_rewarding {args.max_timestep_rewarding}] must be ordered and inside the sampling "
+                f"range [--timestep_sampling_start {args.timestep_sampling_start}, --timestep_sampling_end "
+                f"{args.timestep_sampling_end}); otherwise no sample is ever rewarded. The paper uses 0..200."
+            )
+        reward_class = _reward_class(args.task_name)
+        if reward_class.needs_condition_column and args.conditioning_image_column is None:
+            raise ValueError(f"--task_name {args.task_name} reads its condition from the dataset: pass "
+                             "--conditioning_image_column (control_depth for depth, control_seg for segmentation).")
+        if not reward_class.needs_condition_column and args.conditioning_image_column is not None:
+            raise ValueError(f"--task_name {args.task_name} computes its condition from the image with the reward "
+                             "model (as at evaluation); drop --conditioning_image_column.")
+        if needs_label_column(args.task_name) and args.label_column is None:
+            raise ValueError(f"--task_name {args.task_name} compares against label maps: pass --label_column "
+                             "(control_seg for ADE20K, panoptic_seg_map for COCO-Stuff).")
+        if not needs_label_column(args.task_name):
+            for flag in ("label_column", "label_format", "reward_model_checkpoint"):
+                if getattr(args, flag) is not None:
+                    raise ValueError(f"--task_name {args.task_name} has no labels nor config-based reward model; "
+                                     f"drop --{flag}.")
+        if args.grad_scale < 0:
+            raise ValueError(f"--grad_scale must be >= 0, got {args.grad_scale}.")
+        if args.diffusion_loss_weight == 0 and args.grad_scale == 0:
+            raise ValueError("--diffusion_loss_weight 0 and --grad_scale 0 leave nothing to train; raise one.")
+    else:
+        if args.conditioning_image_column is None:
+            raise ValueError("plain fine-tuning reads the condition from the dataset: pass "
+                             "--conditioning_image_column (e.g. control_seg).")
+        if args.label_column is not None:
+            raise ValueError("--label_column is used by reward fine-tuning only; drop it here.")
+        if args.diffusion_loss_weight == 0:
+            raise ValueError("--diffusion_loss_weight 0 leaves nothing to train without a reward; raise it.")
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# Models and data
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StableDiffusionParts:
+    tokenizer: Any
+    noise_scheduler: Any
+    text_encoder: torch.nn.Module
+    vae: torch.nn.Module
+    unet: torch.nn.Module
+    controlnet: torch.nn.Module
+    weight_dtype: torch.dtype
+
+
+def make_accelerator(args):
+    """Accelerator with a seedable sampler: the shuffle order depends on (seed, epoch) only, so a
+    resumed run sees the same batches as an uninterrupted one."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def weight_dtype_of(accelerator) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+
+def load_stable_diffusion(args, device, weight_dtype: torch.dtype) -> StableDiffusionParts:
+    """Frozen SD1.5 parts in ``weight_dtype`` (the mixed-precision dtype) on ``device``, and the
+    trainable ControlNet in fp32."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path, common = args.pretrained_model_name_or_path, {"revision": args.revision, "cache_dir": args.cache_dir}
+    tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name or path, subfolder=None if args.tokenizer_name
+                                              else "tokenizer", **common)
+    noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **common)
+    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **common)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **common)
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **common)
+    if args.controlnet_model_name_or_path:
+        controlnet = ControlNetModel.from_pretrained(args.controlnet_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        logger.info("Initialising the ControlNet from the UNet (no --controlnet_model_name_or_path).")
+        controlnet = ControlNetModel.from_unet(unet)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if args.timestep_sampling_end > num_train_timesteps:
+        raise ValueError(f"--timestep_sampling_end {args.timestep_sampling_end} exceeds the scheduler's "
+                         f"{num_train_timesteps} training timesteps; lower it.")
+
+    for frozen in (vae, unet, text_encoder):
+        frozen.requires_grad_(False)
+        frozen.eval()
+        frozen.to(device, dtype=weight_dtype)
+    controlnet.train()
+    controlnet.to(device)
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+        controlnet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        # The reward's gradient flows back through the VAE decoder and the frozen UNet into the
+        # ControlNet, so their activations are checkpointed too, not only the ControlNet's.
+        controlnet.enable_gradient_checkpointing()
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if controlnet.dtype != torch.float32:
+        raise ValueError(f"the trainable ControlNet is {controlnet.dtype}, it must be float32 (mixed precision "
+                         "keeps fp32 master weights); load it without a half-precision variant.")
+    return StableDiffusionParts(tokenizer, noise_scheduler, text_encoder, vae, unet, controlnet, weight_dtype)
+
+
+def load_train_dataset(args):
+    """The training split with the configured columns checked (error lists the available ones)."""
+    dataset = load_dataset_any(args.dataset_name, args.dataset_split, cache_dir=args.cache_dir)
+    require_columns(dataset, {"--image_column": args.image_column, "--caption_column": args.caption_column,
+                              "--conditioning_image_column": args.conditioning_image_column,
+                              "--label_column": args.label_column},
+                    f"{args.dataset_name} (split {args.dataset_split})")
+    if args.max_train_samples is not None:
+        # The first rows, not a shuffled subset: row indices in error messages stay the dataset's own.
+        dataset = dataset.select(range(min(args.max_train_samples, len(dataset))))
+    if args.keep_in_memory:
+        dataset = dataset.flatten_indices(keep_in_memory=True)
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {args.dataset_name} (split {args.dataset_split}) has no rows.")
+    return dataset
+
+
+def build_train_rows(args, tokenizer, reward_model=None, train: bool = True) -> ControlNetRows:
+    return ControlNetRows(
+        load_train_dataset(args), tokenizer, args.resolution, args.image_column, args.caption_column,
+        conditioning_image_column=args.conditioning_image_column, label_column=args.label_column,
+        label_from_image=reward_model.label_from_image if args.label_column else None, train=train, seed=args.seed,
+        image_condition_dropout=args.image_condition_dropout, text_condition_dropout=args.text_condition_dropout,
+        all_condition_dropout=args.all_condition_dropout, dataset_name=f"{args.dataset_name} ({args.dataset_split})",
+    )
+
+
+def build_optimizer(args, params):
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`, or drop the flag.") \
+                from error
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+# --------------------------------------------------------------------------------------------
+# The training step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # what is back-propagated
+    diffusion_loss: torch.Tensor
+    reward_loss: torch.Tensor  # 0 when no sample is in the window (or no reward model)
+    rewarded_fraction: float  # share of the batch inside the reward window
+
+
+def step_generator(seed: int, process_index: int, global_step: int, micro_step: int, device) -> torch.Generator:
+    """The noise / timestep generator of one micro-batch, a pure function of where it is in training.
+
+    Keyed by (seed, rank, optimizer step, micro-batch within the accumulation): a resumed run
+    draws exactly what the uninterrupted run drew, and ranks draw different noise (DiT's
+    per-rank seeds from one global seed).
+    """
+    import numpy as np
+
+    seed_value = int(np.random.SeedSequence([seed, process_index, global_step, micro_step]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(seed_value)
+
+
+def subset(batch: dict, index: torch.Tensor) -> dict:
+    """The rows ``index`` of every tensor of a collated batch."""
+    return {key: value[index.to(value.device)] if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()}
+
+
+def controlnet_condition(batch: dict, reward_model) -> torch.Tensor:
+    """The ControlNet input in [0, 1]: the dataset's conditioning column, or computed on the device.
+
+    canny / hed / lineart have no condition column: like the original, the condition is extracted
+    from the target image, here batched on the device by the reward model's own detector.
+    """
+    if "conditioning_pixel_values" in batch:
+        condition = batch["conditioning_pixel_values"]
+    else:
+        with torch.no_grad():
+            condition = reward_model.extract_condition((batch["pixel_values"] + 1) / 2)
+    if "drop_condition" in batch:  # image / all condition dropout: a black condition image
+        keep = (~batch["drop_condition"]).to(device=condition.device, dtype=condition.dtype)
+        condition = condition * keep[:, None, None, None]
+    return condition
+
+
+@dataclass
+class NoisePrediction:
+    latents: torch.Tensor  # clean latents x0 (scaled)
+    noise: torch.Tensor
+    timesteps: torch.Tensor  # (B,) int64
+    noisy_latents: torch.Tensor  # x_t
+    model_pred: torch.Tensor  # UNet + ControlNet output (epsilon or v)
+    diffusion_loss: torch.Tensor  # MSE against the noise / velocity, float32 scalar
+
+
+def predict_noise(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn.Module, args,
+                  generator: torch.Generator, reward_model=None, timesteps: torch.Tensor | None = None
+                  ) -> NoisePrediction:
+    """Noise the batch to t ~ U[start, end), predict with UNet + ControlNet, diffusion loss.
+
+    ``reward_model`` is only used to compute the condition of canny / hed / lineart.
+    ``timesteps`` (B,) replaces the sampled ones (tests and benchmarks that need a given mask).
+    """
+    vae, unet, noise_scheduler, dtype = parts.vae, parts.unet, parts.noise_scheduler, parts.weight_dtype
+    device = batch["pixel_values"].device
+    with torch.no_grad():
+        latents = vae.encode(batch["pixel_values"].to(dtype)).latent_dist.sample(generator)
+        latents = latents * vae.config.scaling_factor
+        encoder_hidden_states = parts.text_encoder(batch["input_ids"], return_dict=False)[0]
+    noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype)
+    sampled = torch.randint(args.timestep_sampling_start, args.timestep_sampling_end, (latents.shape[0],),
+                            generator=generator, device=device).long()
+    timesteps = sampled if timesteps is None else timesteps.to(device=device, dtype=torch.long)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    condition = controlnet_condition(batch, reward_model).to(dtype)
+    down_residuals, mid_residual = controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                              controlnet_cond=condition, return_dict=False)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                      down_block_additional_residuals=[r.to(dtype) for r in down_residuals],
+                      mid_block_additional_residual=mid_residual.to(dtype), return_dict=False)[0]
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    diffusion_loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
+    return NoisePrediction(latents, noise, timesteps, noisy_latents, model_pred, diffusion_loss)
+
+
+def windowed_reward_loss(batch: dict, parts: StableDiffusionParts, prediction: NoisePrediction, args,
+                         reward_model) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reward loss sum_i(mask_i * r_i) / (sum_i mask_i + 1e-10) and the mask (B,).
+
+    Only the samples inside the window are decoded and scored (defect 6: the original decoded
+    the whole batch and masked ~80% of it away afterwards); the value is the same. When no
+    sample is inside, neither the VAE nor the reward model runs and the loss is 0.
+    """
+    vae, dtype = parts.vae, parts.weight_dtype
+    mask = reward_window_mask(prediction.timesteps, args.min_timestep_rewarding, args.max_timestep_rewarding)
+    index = mask.nonzero().squeeze(1)
+    if index.numel() == 0:
+        return torch.zeros((), device=mask.device), mask
+    x0 = single_step_x0(parts.noise_scheduler, prediction.noisy_latents[index], prediction.model_pred[index],
+                        prediction.timesteps[index])
+    images = vae.decode(x0.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    images = (images / 2 + 0.5).clamp(0, 1)
+    rewarded = subset(batch, index)
+    per_sample = reward_model.loss(reward_model(images), reward_model.target(rewarded))
+    return masked_mean_reward(per_sample, mask), mask
+
+
+def training_step(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn.Module, args,
+                  generator: torch.Generator, reward_model=None, timesteps: torch.Tensor | None = None
+                  ) -> StepOutput:
+    """loss = diffusion_loss_weight * diffusion_loss + grad_scale * reward_loss (paper Eq. 7).
+
+    ``controlnet`` is the (possibly DDP-wrapped) trainable model; ``parts`` holds the frozen ones.
+    Without ``reward_model`` this is plain ControlNet fine-tuning.
+    """
+    prediction = predict_noise(batch, parts, controlnet, args, generator, reward_model, timesteps)
+    loss = args.diffusion_loss_weight * prediction.diffusion_loss
+    reward_loss, rewarded_fraction = torch.zeros((), device=loss.device), 0.0
+    if reward_model is not None:
+        reward_loss, mask = windowed_reward_loss(batch, parts, prediction, args, reward_model)
+        rewarded_fraction = mask.float().mean().item()
+        loss = loss + args.grad_scale * reward_loss
+    return StepOutput(loss, prediction.diffusion_loss.detach(), reward_loss.detach(), rewarded_fraction)
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def config_dict(args) -> dict:
+    return {key: value for key, value in sorted(vars(args).items())}
+
+
+def checkpoint_step(path: str | Path) -> int:
+    match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint-<step> folder.")
+    return int(match.group(1))
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """checkpoint-<N> folders of ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def register_checkpoint_hooks(accelerator, args, ema: ModelEMA | None) -> None:
+    """Save the ControlNet (and EMA) in diffusers format inside every checkpoint, like diffusers'
+    train_controlnet.py, plus the resolved config; load them back on resume."""
+    from diffusers import ControlNetModel
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                unwrapped = accelerator.unwrap_model(model)
+                unwrapped.save_pretrained(os.path.join(output_dir, CONTROLNET_SUBFOLDER))
+                if ema is not None:
+                    ema.save_pretrained(unwrapped, os.path.join(output_dir, EMA_SUBFOLDER))
+            save_json(config_dict(args), os.path.join(output_dir, CONFIG_FILE))
+        while weights:  # saved above in diffusers format; accelerate must not save them again
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            saved = ControlNetModel.from_pretrained(input_dir, subfolder=CONTROLNET_SUBFOLDER)
+            model.register_to_config(**saved.config)
+            model.load_state_dict(saved.state_dict())
+            del saved
+        if ema is not None:
+            ema.load_pretrained(os.path.join(input_dir, EMA_SUBFOLDER))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def save_checkpoint(accelerator, args, global_step: int) -> Path:
+    """checkpoint-<step>/ with model, EMA, optimizer, lr scheduler, sampler, RNG states and config."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
+        existing = list_checkpoints(output_dir)
+        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
+            logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    path = output_dir / f"checkpoint-{global_step}"
+    accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
+    logger.info(f"Saved {path}")
+    return path
+
+
+def resolve_resume_path(args) -> Path | None:
+    """The checkpoint folder to resume from; None when 'latest' finds none (a fresh start)."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(args.resume_from_checkpoint)
+    if not path.is_dir():
+        path = Path(args.output_dir) / args.resume_from_checkpoint
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist.")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def validation_inputs(args, rows: ControlNetRows, reward_model, device) -> list[tuple[str, torch.Tensor]]:
+    """(prompt, condition (3,R,R) in [0,1]) pairs: the flags' images, or the first training rows.
+
+    ``--validation_image`` files are condition images (as in diffusers). Without them, the first
+    rows of the training set give the caption (its first one) and the condition the ControlNet
+    was trained with (the dataset column, or extracted from the image by the reward model).
+    """
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+
+    pairs = []
+    if args.validation_image is not None:
+        prompts, images = args.validation_prompt, args.validation_image
+        count = max(len(prompts), len(images))
+        for k in range(count):
+            prompt, image_path = prompts[k % len(prompts)], images[k % len(images)]
+            try:
+                image = to_rgb(Image.open(image_path))
+            except Exception as error:
+                raise ValueError(f"--validation_image {image_path}: cannot read it ({error}).") from error
+            image = TF.resize(image, args.resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
+            image = TF.center_crop(image, args.resolution)
+            pairs.append((prompt, TF.to_tensor(image)))
+        return pairs
+    eval_rows = ControlNetRows(rows.dataset, rows.tokenizer, args.resolution, rows.image_column, rows.caption_column,
+                               conditioning_image_column=rows.conditioning_image_column, train=False, seed=args.seed)
+    for index in range(min(args.num_validation_rows, len(eval_rows))):
+        row = eval_rows[index]
+        batch = {key: value[None].to(device) for key, value in row.items()
+                 if key in ("pixel_values", "conditioning_pixel_values")}
+        condition = controlnet_condition(batch, reward_model)[0].float().cpu()
+        pairs.append((eval_rows.caption(index), condition))
+    return pairs
+
+
+def _to_pil(image01: torch.Tensor):
+    from PIL import Image
+
+    array = (image01.float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def _hstack(images):
+    from PIL import Image
+
+    height = max(im.height for im in images)
+    grid = Image.new("RGB", (sum(im.width for im in images), height))
+    x = 0
+    for im in images:
+        grid.paste(im.convert("RGB"), (x, 0))
+        x += im.width
+    return grid
+
+
+def _vstack(images):
+    from PIL import Image
+
+    grid = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images)))
+    y = 0
+    for im in images:
+        grid.paste(im, (0, y))
+        y += im.height
+    return grid
+
+
+@torch.no_grad()
+def log_validation(args, accelerator, parts: StableDiffusionParts, controlnet, inputs, step: int, reward_model=None):
+    """One grid per input: rows of (condition | generated | condition extracted from the generated
+    image by the reward model), one row per generated image; PNG in validation/step-<N>/ and to
+    the trackers. ``controlnet`` is the unwrapped model with the weights to show."""
+    from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+    pipeline = StableDiffusionControlNetPipeline(
+        vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+        controlnet=controlnet, scheduler=UniPCMultistepScheduler.from_config(parts.noise_scheduler.config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device=accelerator.device).manual_seed(args.seed)
+    out_dir = Path(args.output_dir) / "validation" / f"step-{step}"
+    grids = []
+    for k, (prompt, condition) in enumerate(inputs):
+        condition_pil = _to_pil(condition)
+        rows = []
+        for _ in range(args.num_validation_images):
+            with accelerator.autocast():
+                generated = pipeline(prompt, image=condition_pil, num_inference_steps=args.num_validation_inference_steps,
+                                     generator=generator, height=args.resolution, width=args.resolution,
+                                     output_type="pil").images[0]
+            row = [condition_pil, generated]
+            if reward_model is not None:
+                import torchvision.transforms.functional as TF
+
+                image = TF.to_tensor(generated)[None].to(accelerator.device, dtype=parts.weight_dtype)
+                row.append(_to_pil(reward_model.extract_condition(image)[0]))
+            rows.append(_hstack(row))
+        grid = _vstack(rows)
+        save_image(grid, out_dir / f"sample-{k}.png")
+        grids.append((prompt, grid))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            import numpy as np
+
+            for k, (prompt, grid) in enumerate(grids):
+                tracker.writer.add_image(f"validation/{k}", np.asarray(grid), step, dataformats="HWC")
+                tracker.writer.add_text(f"validation/{k}/prompt", prompt, step)
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"validation": [wandb.Image(grid, caption=prompt) for prompt, grid in grids]}, step=step)
+    del pipeline
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def _tracker_config(args) -> dict:
+    """Tensorboard's hparams accept only scalars and strings."""
+    return {key: value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+            for key, value in config_dict(args).items()}
+
+
+def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, reward_model=None) -> None:
+    """Train ``parts.controlnet`` on ``rows``; save checkpoints, validation grids and the final model.
+
+    Writes to ``--output_dir``: ``training_config.json``; ``checkpoint-<N>/`` (accelerate state
+    with ``controlnet/``, ``controlnet_ema/`` and ``training_config.json`` inside);
+    ``validation/step-<N>/sample-<k>.png``; at the end the ControlNet in diffusers format in the
+    folder itself (``ControlNetModel.from_pretrained(output_dir)``) and, with --use_ema, the EMA
+    weights in ``controlnet_ema/``.
+    """
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    dataloader = torch.utils.data.DataLoader(rows, batch_size=args.train_batch_size, shuffle=True,
+                                             collate_fn=collate_rows, num_workers=args.dataloader_num_workers)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    controlnet = parts.controlnet
+    optimizer = build_optimizer(args, controlnet.parameters())
+    steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes)
+                                / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    if accelerator.is_main_process:  # after --scale_lr and --max_train_steps are resolved
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+        save_json(config_dict(args), Path(args.output_dir) / CONFIG_FILE)
+    # accelerate steps the lr scheduler once per process, hence the factor (as diffusers does).
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles, power=args.lr_power)
+    controlnet, optimizer, dataloader, lr_scheduler = accelerator.prepare(controlnet, optimizer, dataloader,
+                                                                          lr_scheduler)
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    unwrapped = accelerator.unwrap_model(controlnet)
+    ema = ModelEMA(unwrapped, decay=args.ema_decay).to(accelerator.device) if args.use_ema else None
+    register_checkpoint_hooks(accelerator, args, ema)
+    validation = validation_inputs(args, rows, reward_model, accelerator.device) if accelerator.is_main_process \
+        else None
+    if accelerator.is_main_process:
+        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args))
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    resume_path = resolve_resume_path(args)
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        accelerator.load_state(str(resume_path))
+        global_step = checkpoint_step(resume_path)
+        first_epoch = global_step // steps_per_epoch
+        skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    elif args.resume_from_checkpoint == "latest":
+        logger.info(f"No checkpoint in {args.output_dir}; starting from step 0.")
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"{len(rows)} rows, {num_epochs} epochs, {args.max_train_steps} steps of {total_batch} samples "
+                f"({args.train_batch_size} per process x {accelerator.num_processes} processes x "
+                f"{args.gradient_accumulation_steps} accumulation); starting at step {global_step}.")
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="steps",
+                    disable=not accelerator.is_local_main_process)
+    nonfinite_in_a_row, skipped_steps = 0, 0
+    sums, micro_step, cycle_nonfinite, cycle_start = _zero_sums(), 0, False, time.perf_counter()
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        rows.set_epoch(epoch)
+        dataloader.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(dataloader, skip_batches) if epoch == first_epoch and skip_batches \
+            else dataloader
+        for batch in batches:
+            with accelerator.accumulate(controlnet):
+                generator = step_generator(args.seed, accelerator.process_index, global_step, micro_step,
+                                           accelerator.device)
+                out = training_step(batch, parts, controlnet, args, generator, reward_model)
+                # All ranks agree on skipping, or DDP's gradient all-reduce would hang.
+                finite = accelerator.reduce(torch.isfinite(out.loss.detach()).float(), reduction="sum")
+                if finite.item() == accelerator.num_processes:
+                    accelerator.backward(out.loss)
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(controlnet.parameters(), args.max_grad_norm)
+                else:
+                    cycle_nonfinite = True
+                if not cycle_nonfinite:
+                    optimizer.step()
+                    lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=args.set_grads_to_none or cycle_nonfinite)
+            _accumulate(sums, out)
+            micro_step += 1
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            progress.update(1)
+            if cycle_nonfinite:
+                nonfinite_in_a_row += 1
+                skipped_steps += 1
+                logger.warning(f"step {global_step}: non-finite loss, optimizer step skipped "
+                               f"({nonfinite_in_a_row} in a row, {skipped_steps} in total).")
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise RuntimeError(
+                        f"{nonfinite_in_a_row} optimizer steps in a row had a non-finite loss (last at step "
+                        f"{global_step}); stopping. Lower --learning_rate or --grad_scale, or use bf16/fp32 "
+                        f"(--mixed_precision); resume from the last checkpoint in {args.output_dir}."
+                    )
+            else:
+                nonfinite_in_a_row = 0
+                if ema is not None:
+                    ema.update(unwrapped)
+            logs = {key: value / micro_step for key, value in sums.items()}
+            logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=time.perf_counter() - cycle_start,
+                        skipped_steps=skipped_steps)
+            accelerator.log(logs, step=global_step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", reward=f"{logs['reward_loss']:.4f}")
+            sums, micro_step, cycle_nonfinite, cycle_start = _zero_sums(), 0, False, time.perf_counter()
+
+            if global_step % args.checkpointing_steps == 0:
+                save_checkpoint(accelerator, args, global_step)
+            if global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                _validate(args, accelerator, parts, unwrapped, ema, validation, global_step, reward_model)
+            if global_step >= args.max_train_steps:
+                break
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(args.output_dir)
+        if ema is not None:
+            ema.save_pretrained(unwrapped, Path(args.output_dir) / EMA_SUBFOLDER)
+        logger.info(f"Saved the final ControlNet to {args.output_dir}"
+                    + (f" and its EMA to {Path(args.output_dir) / EMA_SUBFOLDER}" if ema is not None else ""))
+    accelerator.end_training()
+
+
+def _zero_sums() -> dict:
+    return {"loss": 0.0, "diffusion_loss": 0.0, "reward_loss": 0.0, "rewarded_fraction": 0.0}
+
+
+def _accumulate(sums: dict, out: StepOutput) -> None:
+    sums["loss"] += out.loss.item()
+    sums["diffusion_loss"] += out.diffusion_loss.item()
+    sums["reward_loss"] += out.reward_loss.item()
+    sums["rewarded_fraction"] += out.rewarded_fraction
+
+
+def _validate(args, accelerator, parts, unwrapped, ema, inputs, step, reward_model) -> None:
+    """Validation with the EMA weights when there is an EMA, swapped in and restored (defect 3)."""
+    was_training = unwrapped.training
+    unwrapped.eval()
+    context = ema.swapped_into(unwrapped) if ema is not None else contextlib.nullcontext()
+    with context:
+        out_dir = log_validation(args, accelerator, parts, unwrapped, inputs, step, reward_model)
+    unwrapped.train(was_training)
+    logger.info(f"Validation images in {out_dir}")
