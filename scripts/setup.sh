@@ -124,11 +124,16 @@ fi
 # 5. Check that what the project imports is importable, and say what we have.
 "$PY" - <<'EOF'
 import importlib
-mods = ["torch", "torchvision", "diffusers", "transformers", "accelerate", "datasets", "kornia",
-        "torchmetrics", "cleanfid", "mmengine", "mmcv", "mmseg", "mmdet", "gradio"]
+from importlib.metadata import version
+mods = {"torch": "torch", "torchvision": "torchvision", "diffusers": "diffusers",
+        "transformers": "transformers", "accelerate": "accelerate", "datasets": "datasets",
+        "kornia": "kornia", "torchmetrics": "torchmetrics", "cleanfid": "clean-fid",
+        "mmengine": "mmengine", "mmcv": "mmcv", "mmseg": "mmsegmentation", "mmdet": "mmdet",
+        "gradio": "gradio"}
 versions = {}
-for m in mods:
-    versions[m] = getattr(importlib.import_module(m), "__version__", "?")
+for module, dist in mods.items():
+    importlib.import_module(module)
+    versions[dist] = version(dist)
 import mmcv.ops  # noqa: F401  compiled ops are what mmseg's heads need
 import torch
 print("[setup] ok:", ", ".join(f"{k} {v}" for k, v in versions.items()))
