@@ -465,22 +465,33 @@ def _write_sd15(root: Path, seed: int) -> None:
     })
 
     with _seeded(seed, "controlnet"):
-        # Four embedding stages = three stride-2 convolutions: the condition image (full
-        # resolution) reaches the 8x latent grid, as in SD1.5's ControlNet.
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
-        # A released ControlNet has been trained: its zero convolutions are no longer zero and
-        # its condition encoder produces features on the scale of the latent features. A
-        # freshly initialised toy would ignore its condition and, at the first step, give
-        # gradient to the zero convolutions only. So: He initialisation for the condition
-        # encoder (ReLU-like SiLU stack, keeps unit scale) and PyTorch's default for the zero
-        # convolutions; then the condition changes the output and every weight trains from step one.
-        for conv in controlnet.controlnet_cond_embedding.modules():
-            if isinstance(conv, torch.nn.Conv2d):
-                torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-                torch.nn.init.zeros_(conv.bias)
-        for conv in [controlnet.controlnet_mid_block, *controlnet.controlnet_down_blocks]:
-            conv.reset_parameters()
+        controlnet = toy_controlnet_from_unet(unet)
     controlnet.save_pretrained(root / "toy-controlnet")
+
+
+def toy_controlnet_from_unet(unet):
+    """ControlNetModel.from_unet, initialised like a released (trained) ControlNet.
+
+    Draws from torch's global RNG: callers seed it. Four embedding stages = three stride-2
+    convolutions: the condition image (full resolution) reaches the 8x latent grid, as in
+    SD1.5's ControlNet. A released ControlNet has been trained: its zero convolutions are no
+    longer zero and its condition encoder produces features on the scale of the latent
+    features. A freshly initialised toy would ignore its condition and, at the first step,
+    give gradient to the zero convolutions only. So: He initialisation for the condition
+    encoder (ReLU-like SiLU stack, keeps unit scale) and PyTorch's default for the zero
+    convolutions; then the condition changes the output and every weight trains from step one.
+    """
+    import torch
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    for conv in controlnet.controlnet_cond_embedding.modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            torch.nn.init.zeros_(conv.bias)
+    for conv in [controlnet.controlnet_mid_block, *controlnet.controlnet_down_blocks]:
+        conv.reset_parameters()
+    return controlnet
 
 
 def _write_clip(root: Path, seed: int) -> None:

@@ -1,0 +1,163 @@
+"""utils/toy_pretrain.py: the pretrained toy world learns, loads like the random one, and is reproducible.
+
+One ``--budget small`` run on the 24-row session toy world (about 1 minute on 2 busy cores) is
+shared by the tests; the determinism test runs the command a second time in a fresh process.
+Whether a model learned is judged with targets written out here from the label maps, against
+the random toy world's checkpoint on the same rows, not with the pretraining code's own losses.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_entry
+from utils import toy, toy_pretrain
+
+MODELS = ("vae", "unet", "hed", "lineart", "depth", "segmentation_ade20k", "segmentation_cocostuff")
+
+
+@pytest.fixture(scope="module")
+def pretrained(toy_world, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pretrain") / "world"
+    manifest = toy_pretrain.main(["--toy", str(toy_world), "--out", str(out), "--seed", "0", "--budget", "small"])
+    return out, manifest
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rows(toy_world: Path, dataset: str, **columns) -> dict:
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(toy_world / "toy-sd15" / "tokenizer")
+    return toy_pretrain.load_rows(toy_world, dataset, tokenizer, **columns)
+
+
+def _boundaries(labels: np.ndarray) -> np.ndarray:
+    """(B, H, W) -> (B, H, W) bool: pixels with a 4-neighbour of another class (written independently)."""
+    edge = np.zeros(labels.shape, bool)
+    dx = labels[:, :, 1:] != labels[:, :, :-1]
+    dy = labels[:, 1:, :] != labels[:, :-1, :]
+    edge[:, :, 1:] |= dx
+    edge[:, :, :-1] |= dx
+    edge[:, 1:, :] |= dy
+    edge[:, :-1, :] |= dy
+    return edge
+
+
+def test_every_loss_falls_and_the_manifest_is_complete(pretrained, toy_world):
+    out, manifest = pretrained
+    assert json.loads((out / toy.MANIFEST_NAME).read_text()) == manifest
+    source = json.loads((toy_world / toy.MANIFEST_NAME).read_text())
+    # utils/toy.py's keys with the same values (same datasets, same paths), plus "pretrained".
+    assert set(manifest) == set(source) | {"pretrained"}
+    assert all(manifest[key] == source[key] for key in ("generator_version", "seed", "rows", "paths"))
+    assert set(manifest["files"]) == set(_files(out)) - {toy.MANIFEST_NAME}
+    assert set(manifest["files"]) == set(source["files"])  # exactly the same layout
+    pretrained_section = manifest["pretrained"]
+    assert (pretrained_section["budget"], pretrained_section["seed"]) == ("small", 0)
+    records = pretrained_section["models"]
+    assert set(records) == set(MODELS)
+    for name, record in records.items():
+        assert record["steps"] == toy_pretrain.BUDGETS["small"][name].steps
+        assert record["final_loss"] < 0.8 * record["first_loss"], (name, record)
+
+
+def test_vae_scaling_factor_is_one_over_latent_std(pretrained, toy_world):
+    from diffusers import AutoencoderKL
+
+    out, manifest = pretrained
+    vae = AutoencoderKL.from_pretrained(out / "toy-sd15" / "vae").eval()
+    assert vae.config.scaling_factor == manifest["pretrained"]["models"]["vae"]["scaling_factor"] != toy.VAE_SCALING_FACTOR
+    # The toy's VAE config, but for the scaling factor and the GroupNorm groups (see the module).
+    written, source = (json.loads((world / "toy-sd15" / "vae" / "config.json").read_text()) for world in (out, toy_world))
+    assert {key for key in written.keys() | source.keys() if written.get(key) != source.get(key)} == {
+        "scaling_factor", "norm_num_groups"}
+    images = _rows(toy_world, "MultiGen-20M_train")["pixel_values"]
+    with torch.no_grad():
+        latents = vae.encode(images).latent_dist.sample(torch.Generator().manual_seed(123))
+    # One dataset of the four, other noise: the same std within sampling error.
+    assert abs(float(latents.std()) * vae.config.scaling_factor - 1.0) < 0.15
+
+
+def test_loads_through_the_pipeline_and_the_reward_registry(pretrained, toy_world):
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from reward_models import build_reward_model
+
+    out, manifest = pretrained
+    controlnet = ControlNetModel.from_pretrained(out / manifest["paths"]["controlnet"])
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(out / manifest["paths"]["sd15"], controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", image=Image.new("RGB", (64, 64)), height=64, width=64, num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    # The ControlNet copies the *pretrained* UNet's encoder.
+    unet_state = pipe.unet.state_dict()
+    for key, value in controlnet.state_dict().items():
+        if key.startswith(("conv_in.", "down_blocks.", "mid_block.", "time_embedding.")):
+            torch.testing.assert_close(value, unet_state[key], rtol=0, atol=0)
+    # Weights were trained, the rest copied byte for byte.
+    before, after = _files(toy_world), _files(out)
+    for name in ("toy-sd15/unet/diffusion_pytorch_model.safetensors", "toy-sd15/vae/diffusion_pytorch_model.safetensors",
+                 "toy-controlnet/diffusion_pytorch_model.safetensors", "reward_models/ControlNetHED.pth"):
+        assert before[name] != after[name], name
+    for name in ("toy-sd15/text_encoder/model.safetensors", "datasets/Captioned_ADE20K/train/data-00000-of-00001.arrow",
+                 "clip/model.safetensors", "reward_models/dpt-hybrid-midas/preprocessor_config.json"):
+        assert before[name] == after[name], name
+
+    # Every learned reward model loads strictly through the registry from the written paths, and
+    # fits its training rows better than the random toy checkpoint it started from.
+    def rel(key):
+        return manifest["paths"]["reward_models"][key]
+
+    ade = _rows(toy_world, "Captioned_ADE20K", label_column="seg_map", label_from_image=np.asarray)
+    images01 = (ade["pixel_values"] + 1) / 2
+    edges = torch.from_numpy(_boundaries(ade["labels"].numpy())).float()[:, None]
+    thick_edges = torch.nn.functional.max_pool2d(edges, 3, 1, 1)
+    targets = {"hed": thick_edges, "lineart": 1 - edges}
+    for task, target in targets.items():
+        losses = {}
+        for world in (toy_world, out):
+            model = build_reward_model(task, str(world / rel(task)))
+            with torch.no_grad():
+                losses[world] = float(((model(images01) - target) ** 2).mean())
+        assert losses[out] < 0.8 * losses[toy_world], (task, losses)
+
+    depth_rows = _rows(toy_world, "MultiGen-20M_depth", conditioning_image_column="control_depth")
+    checks = [("depth", rel("depth"), None, depth_rows)]
+    for key, dataset, label_column in (("segmentation_ade20k", "Captioned_ADE20K", "control_seg"),
+                                       ("segmentation_cocostuff", "Captioned_COCOStuff", "panoptic_seg_map")):
+        model = build_reward_model("segmentation", str(out / rel(key)))
+        checks.append(("segmentation", rel(key), label_column,
+                       _rows(toy_world, dataset, label_column=label_column, label_from_image=model.label_from_image)))
+    for task, path, label_column, batch in checks:
+        losses = {}
+        for world in (toy_world, out):
+            model = build_reward_model(task, str(world / path))
+            with torch.no_grad():
+                losses[world] = float(model.loss(model((batch["pixel_values"] + 1) / 2), model.target(batch)).mean())
+        assert losses[out] < 0.8 * losses[toy_world], (path, losses)
+
+
+def test_same_seed_same_bytes_in_a_new_process(pretrained, toy_world, tmp_path):
+    out, _ = pretrained
+    again = tmp_path / "again"
+    run_entry(["-m", "utils.toy_pretrain", "--toy", str(toy_world), "--out", str(again), "--budget", "small"])
+    first, second = _files(out), _files(again)
+    assert first.keys() == second.keys()
+    assert [name for name in first if first[name] != second[name]] == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again"]  # no temporary folder left behind
+
+
+def test_refuses_to_replace_a_folder_that_is_not_a_toy_world(toy_world, tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="not a toy world"):
+        toy_pretrain.pretrain_toy_world(toy_world, tmp_path, budget="small")
+    assert (tmp_path / "mine.txt").read_text() == "precious"
