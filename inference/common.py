@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from utils.io import hstack_images
+
 TASKS = ("canny", "hed", "lineart", "depth", "segmentation")
 
 # Stable Diffusion 1.5, the paper's base model. runwayml/stable-diffusion-v1-5 was removed from
@@ -160,14 +162,8 @@ def resize_image(image: Image.Image, size: tuple[int, int], nearest: bool = Fals
 def make_grid(images: list[Image.Image]) -> Image.Image:
     """The images side by side in one row (all resized to the first one's height)."""
     height = images[0].height
-    resized = [im if im.height == height else im.resize((round(im.width * height / im.height), height))
-               for im in images]
-    grid = Image.new("RGB", (sum(im.width for im in resized), height))
-    x = 0
-    for im in resized:
-        grid.paste(im.convert("RGB"), (x, 0))
-        x += im.width
-    return grid
+    return hstack_images([im if im.height == height else im.resize((round(im.width * height / im.height), height))
+                          for im in images])
 
 
 # ---------------------------------------------------------------------------------------------

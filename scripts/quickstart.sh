@@ -57,22 +57,15 @@ python - "$OUT" <<'EOF'
 # the base ControlNet above the fine-tuned one.
 import sys
 from pathlib import Path
+
 from PIL import Image
 
+from utils.io import save_image, vstack_images
+
 out = Path(sys.argv[1])
-rows = []
-for idx in range(4):
-    for run in ("base", "controlnet_pp"):
-        path = out / "eval" / run / "visualization" / f"{idx}.png"
-        if path.exists():
-            rows.append(Image.open(path).convert("RGB"))
-width = max(r.width for r in rows)
-grid = Image.new("RGB", (width, sum(r.height for r in rows)), "white")
-y = 0
-for r in rows:
-    grid.paste(r, (0, y))
-    y += r.height
-grid.save(out / "grid.png")
+rows = [Image.open(path) for idx in range(4) for run in ("base", "controlnet_pp")
+        if (path := out / "eval" / run / "visualization" / f"{idx}.png").exists()]
+save_image(vstack_images(rows), out / "grid.png")
 print(f"grid: {out / 'grid.png'} (per row: base ControlNet, then ControlNet++)")
 EOF
 stage "done: $OUT/summary.md, $OUT/grid.png, training logs in $OUT/reward_canny/logs (tensorboard)"

@@ -45,3 +45,23 @@ def save_json(obj: Any, path: str | os.PathLike) -> Path:
             f.write("\n")
 
     return atomic_write(path, write)
+
+
+def hstack_images(images: list[Image.Image]) -> Image.Image:
+    """Images side by side, top-aligned, on a black RGB canvas as tall as the tallest."""
+    grid = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
+    x = 0
+    for im in images:
+        grid.paste(im.convert("RGB"), (x, 0))
+        x += im.width
+    return grid
+
+
+def vstack_images(images: list[Image.Image]) -> Image.Image:
+    """Images one below the other, left-aligned, on a black RGB canvas as wide as the widest."""
+    grid = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images)))
+    y = 0
+    for im in images:
+        grid.paste(im.convert("RGB"), (0, y))
+        y += im.height
+    return grid

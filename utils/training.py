@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from utils.data import ControlNetRows, collate_rows, load_dataset_any, require_columns, to_rgb
 from utils.diffusion import diffusion_target, masked_mean_reward, reward_window_mask, single_step_x0
 from utils.ema import ModelEMA
-from utils.io import save_image, save_json
+from utils.io import hstack_images, save_image, save_json, vstack_images
 
 logger = logging.getLogger("controlnet_pp.train")
 
@@ -640,29 +640,6 @@ def _to_pil(image01: torch.Tensor):
     return Image.fromarray(array)
 
 
-def _hstack(images):
-    from PIL import Image
-
-    height = max(im.height for im in images)
-    grid = Image.new("RGB", (sum(im.width for im in images), height))
-    x = 0
-    for im in images:
-        grid.paste(im.convert("RGB"), (x, 0))
-        x += im.width
-    return grid
-
-
-def _vstack(images):
-    from PIL import Image
-
-    grid = Image.new("RGB", (max(im.width for im in images), sum(im.height for im in images)))
-    y = 0
-    for im in images:
-        grid.paste(im, (0, y))
-        y += im.height
-    return grid
-
-
 @torch.no_grad()
 def log_validation(args, accelerator, parts: StableDiffusionParts, controlnet, inputs, step: int, reward_model=None):
     """One grid per input: rows of (condition | generated | condition extracted from the generated
@@ -693,8 +670,8 @@ def log_validation(args, accelerator, parts: StableDiffusionParts, controlnet, i
 
                 image = TF.to_tensor(generated)[None].to(accelerator.device, dtype=parts.weight_dtype)
                 row.append(_to_pil(reward_model.extract_condition(image)[0]))
-            rows.append(_hstack(row))
-        grid = _vstack(rows)
+            rows.append(hstack_images(row))
+        grid = vstack_images(rows)
         save_image(grid, out_dir / f"sample-{k}.png")
         grids.append((prompt, grid))
     for tracker in accelerator.trackers:
