@@ -196,6 +196,23 @@ def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, torch.
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 
+def load_published_state_dict(name_or_path: str | os.PathLike, *, task: str, kind: str, what: str,
+                              file_name: str, marker_key: str, url: str) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Resolve and read a published single-network checkpoint (HED, line drawing).
+
+    ``marker_key`` is a key every such checkpoint has; without it the wrong file was given,
+    which gets a message naming the file the task expects rather than a key mismatch.
+    """
+    path = resolve_checkpoint_file(name_or_path, f"{what} {file_name}")
+    state_dict = load_state_dict_file(path, what)
+    if marker_key not in state_dict:
+        raise RuntimeError(
+            f"{path} is not a {kind} checkpoint (no key {marker_key!r}). "
+            f"The {task} task expects {file_name} from {url}."
+        )
+    return path, state_dict
+
+
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str, path: Any) -> None:
     """``load_state_dict(strict=True)`` with an error that says which file does not fit."""
     try:

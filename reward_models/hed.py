@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RewardModel, load_state_dict_file, load_state_dict_strict, resolve_checkpoint_file
+from .base import RewardModel, load_published_state_dict, load_state_dict_strict
 
 HED_URL = "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth"
 HED_WIDTH = 64  # published base width; blocks have width x (1, 2, 4, 8, 8) channels
@@ -75,13 +75,9 @@ class HEDRewardModel(RewardModel):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = HED_URL) -> "HEDRewardModel":
-        path = resolve_checkpoint_file(name_or_path, "HED checkpoint ControlNetHED.pth")
-        state_dict = load_state_dict_file(path, "HED checkpoint")
-        if "block1.convs.0.weight" not in state_dict:
-            raise RuntimeError(
-                f"{path} is not a ControlNetHED checkpoint (no key 'block1.convs.0.weight'). "
-                f"The hed task expects ControlNetHED.pth from {HED_URL}."
-            )
+        path, state_dict = load_published_state_dict(
+            name_or_path, task="hed", kind="ControlNetHED", what="HED checkpoint",
+            file_name="ControlNetHED.pth", marker_key="block1.convs.0.weight", url=HED_URL)
         model = cls(width=state_dict["block1.convs.0.weight"].shape[0])
         load_state_dict_strict(model.network, state_dict, "HED checkpoint", path)
         return model

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import RewardModel, load_state_dict_file, load_state_dict_strict, resolve_checkpoint_file
+from .base import RewardModel, load_published_state_dict, load_state_dict_strict
 
 LINEART_URL = "https://huggingface.co/spaces/awacke1/Image-to-Line-Drawings/resolve/main/model.pth"
 LINEART_NGF = 64
@@ -69,13 +69,9 @@ class LineArtRewardModel(RewardModel):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike = LINEART_URL) -> "LineArtRewardModel":
-        path = resolve_checkpoint_file(name_or_path, "line drawing checkpoint model.pth")
-        state_dict = load_state_dict_file(path, "line drawing checkpoint")
-        if "model0.1.weight" not in state_dict:
-            raise RuntimeError(
-                f"{path} is not a line drawing checkpoint (no key 'model0.1.weight'). "
-                f"The lineart task expects model.pth from {LINEART_URL}."
-            )
+        path, state_dict = load_published_state_dict(
+            name_or_path, task="lineart", kind="line drawing", what="line drawing checkpoint",
+            file_name="model.pth", marker_key="model0.1.weight", url=LINEART_URL)
         model = cls(ngf=state_dict["model0.1.weight"].shape[0])
         load_state_dict_strict(model.network, state_dict, "line drawing checkpoint", path)
         return model
