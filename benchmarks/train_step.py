@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from utils import training  # noqa: E402
 
 VARIANTS = ("floor", "original", "ours")
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TIMESTEPS = (50, 400, 700, 950)  # exactly one sample inside the window 0..200
 TEXT_TOKENS = 77
 
@@ -78,7 +79,7 @@ def original_training_step(batch, parts, controlnet, args, generator, reward_mod
 # --------------------------------------------------------------------------------------------
 
 
-def build_models(real_shapes: bool, device: str, seed: int = 0):
+def build_models(real_shapes: bool, device: str, seed: int = 0, dtype: torch.dtype = torch.float32):
     """Frozen SD parts + a trainable ControlNet; SD1.5's configs with ``real_shapes``, tiny otherwise.
 
     The text encoder is one CLIP layer at SD1.5's width in both cases: it runs once, without
@@ -120,10 +121,10 @@ def build_models(real_shapes: bool, device: str, seed: int = 0):
                                            if real_shapes else (8, 16, 16, 32))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, clip_sample=False, prediction_type="epsilon")
-    for frozen in (unet, vae, text_encoder):
-        frozen.requires_grad_(False).eval().to(device)
-    controlnet.train().to(device)
-    return training.StableDiffusionParts(None, scheduler, text_encoder, vae, unet, controlnet, torch.float32)
+    for frozen in (unet, vae, text_encoder):  # frozen models in the mixed-precision dtype, as in training
+        frozen.requires_grad_(False).eval().to(device, dtype)
+    controlnet.train().to(device)  # trainable weights stay fp32 (autocast computes in dtype)
+    return training.StableDiffusionParts(None, scheduler, text_encoder, vae, unet, controlnet, dtype)
 
 
 def build_reward_model(name: str, real_shapes: bool, device: str):
@@ -161,8 +162,9 @@ def _rss_kib(field: str) -> int:
 def measure(variant: str, options) -> dict:
     device = "cuda" if torch.cuda.is_available() and not options.cpu else "cpu"
     torch.set_num_threads(options.threads)
-    parts = build_models(options.real_shapes, device)
-    reward_model = build_reward_model(options.reward, options.real_shapes, device)
+    dtype = DTYPES[options.mixed_precision]
+    parts = build_models(options.real_shapes, device, dtype=dtype)
+    reward_model = build_reward_model(options.reward, options.real_shapes, device).to(dtype)
     batch = build_batch(options.resolution, len(TIMESTEPS), device)
     # The ControlNet condition is given with the batch in every variant (as depth/segmentation
     # read it from the dataset), so that the floor, which has no reward model, does the same work.
@@ -175,14 +177,19 @@ def measure(variant: str, options) -> dict:
 
     def step():
         generator = torch.Generator(device=device).manual_seed(0)
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+            out = forward(generator)
+        out.loss.backward()
+        controlnet.zero_grad(set_to_none=True)
+        return out
+
+    def forward(generator):
         if variant == "floor":
             out = training.training_step(batch, parts, controlnet, args, generator, None, timesteps)
         elif variant == "ours":
             out = training.training_step(batch, parts, controlnet, args, generator, reward_model, timesteps)
         else:
             out = original_training_step(batch, parts, controlnet, args, generator, reward_model, timesteps)
-        out.loss.backward()
-        controlnet.zero_grad(set_to_none=True)
         return out
 
     for _ in range(options.warmup):
@@ -218,6 +225,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
     parser.add_argument("--cpu", action="store_true", help="measure on CPU even when CUDA is available.")
+    parser.add_argument("--mixed_precision", choices=list(DTYPES), default="no",
+                        help="frozen models in this dtype and the step under autocast, as training with "
+                             "--mixed_precision does (GPU); the ControlNet's weights stay fp32.")
     parser.add_argument("--variant", choices=VARIANTS, default=None, help=argparse.SUPPRESS)  # child process
     options = parser.parse_args(argv)
     options.resolution = options.resolution or (256 if options.real_shapes else 64)
@@ -239,7 +249,8 @@ def main(argv=None) -> dict:
 
     shape = "SD1.5 shapes, random weights" if options.real_shapes else "toy shapes"
     print(f"One reward step ({shape}, {options.resolution} px, batch {len(TIMESTEPS)}, t = {TIMESTEPS}, "
-          f"window 0..200, reward {options.reward}, {results['ours']['device']}, median of {options.repeats})")
+          f"window 0..200, reward {options.reward}, {results['ours']['device']}, mixed precision "
+          f"{options.mixed_precision}, median of {options.repeats})")
     print(f"{'variant':<10}{'wall (s)':>12}{'CPU (s)':>12}{'peak (MiB)':>14}{'loss':>12}")
     for variant in VARIANTS:
         r = results[variant]
