@@ -287,6 +287,13 @@ class RewardModel(nn.Module):
         squared = (output.float() - target.float().to(output.device)) ** 2
         return squared.mean(dim=1), None
 
+    def disagreement(self, output: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """Per-pixel disagreement (B, h, w) of two outputs on ``pixel_loss``'s grid (Ctrl-U's U).
+
+        Dense maps (edges, depth): absolute difference averaged over channels.
+        """
+        return (output.float() - other.float()).abs().mean(dim=1)
+
     def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample loss (B,) float32: mean of ``pixel_loss`` over valid pixels, 0 if none."""
         loss_map, valid = self.pixel_loss(output, target)

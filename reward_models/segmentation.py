@@ -255,6 +255,11 @@ class SegmentationRewardModel(RewardModel):
             )
         return batch["labels"].long().to(self.device)
 
+    def disagreement(self, output: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+        """KL(p || q) per pixel (B, h, w) of the class distributions of two logit maps (Ctrl-U)."""
+        log_p, log_q = F.log_softmax(output.float(), dim=1), F.log_softmax(other.float(), dim=1)
+        return (log_p.exp() * (log_p - log_q)).sum(dim=1)
+
     def pixel_loss(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-entropy (B, h, w) on the logits' grid; the label is resized to it (nearest)."""
         labels = target.to(output.device)

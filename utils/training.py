@@ -31,12 +31,14 @@ import torch.nn.functional as F
 
 from utils.data import ControlNetRows, collate_rows, load_dataset_any, require_columns, to_rgb
 from utils.diffusion import diffusion_target, masked_mean_reward, reward_window_mask, single_step_x0
+from reward_models.base import per_sample_mean
 from utils.ema import ModelEMA
 from utils.io import hstack_images, save_image, save_json, vstack_images
 
 logger = logging.getLogger("controlnet_pp.train")
 
 CONFIG_FILE = "training_config.json"  # all resolved args, in the output dir and every checkpoint
+TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON line of logged values per optimizer step, in the output dir
 CONTROLNET_SUBFOLDER = "controlnet"  # inside checkpoint-<N>/: training weights, diffusers format
 EMA_SUBFOLDER = "controlnet_ema"  # inside checkpoint-<N>/ and output_dir/: EMA weights, diffusers format
 REWARD_TASKS = ("canny", "hed", "lineart", "depth", "segmentation")  # == reward_models.REWARD_MODELS
@@ -139,6 +141,15 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
         a("--grad_scale", type=float, default=1.0, help="weight of the reward loss (paper Table 8).")
         a("--min_timestep_rewarding", type=int, default=0, help="reward samples with t >= this.")
         a("--max_timestep_rewarding", type=int, default=200, help="reward samples with t <= this.")
+        a("--reward_warmup_steps", type=int, default=0,
+          help="ramp the reward weight linearly from 0 to --grad_scale over this many optimizer steps (0: off).")
+        # Ctrl-U (ICLR 2025): uncertainty-aware reward, see uncertainty_weighted_loss.
+        a("--uncertainty_weighting", action="store_true",
+          help="Ctrl-U: weight the reward per pixel by exp(-U), U = the reward model's disagreement between the "
+               "images predicted from t and t + --uncertainty_timestep_offset (same noise), and add mean(U). "
+               "Ctrl-U also widens the window: --max_timestep_rewarding 400.")
+        a("--uncertainty_timestep_offset", type=int, default=1, help="Ctrl-U: the second timestep is t + this.")
+        a("--uncertainty_scale", type=float, default=1.0, help="Ctrl-U: U = this x the per-pixel disagreement.")
     return p
 
 
@@ -237,6 +248,15 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                                      f"drop --{flag}.")
         if args.grad_scale < 0:
             raise ValueError(f"--grad_scale must be >= 0, got {args.grad_scale}.")
+        if args.reward_warmup_steps < 0:
+            raise ValueError(f"--reward_warmup_steps must be >= 0, got {args.reward_warmup_steps}.")
+        if args.uncertainty_timestep_offset < 1:
+            raise ValueError(f"--uncertainty_timestep_offset must be >= 1, got {args.uncertainty_timestep_offset}.")
+        if args.uncertainty_scale <= 0:
+            raise ValueError(f"--uncertainty_scale must be > 0, got {args.uncertainty_scale}.")
+        if args.uncertainty_weighting and args.grad_scale == 0:
+            raise ValueError("--uncertainty_weighting weights the reward loss, which --grad_scale 0 switches off; "
+                             "raise --grad_scale or drop --uncertainty_weighting.")
         if args.diffusion_loss_weight == 0 and args.grad_scale == 0:
             raise ValueError("--diffusion_loss_weight 0 and --grad_scale 0 leave nothing to train; raise one.")
     else:
@@ -387,6 +407,7 @@ class StepOutput:
     diffusion_loss: torch.Tensor
     reward_loss: torch.Tensor  # 0 when no sample is in the window (or no reward model)
     rewarded_fraction: float  # share of the batch inside the reward window
+    uncertainty: float | None = None  # Ctrl-U: mean U over the rewarded pixels (None when off)
 
 
 def step_generator(seed: int, process_index: int, global_step: int, micro_step: int, device) -> torch.Generator:
@@ -433,6 +454,20 @@ class NoisePrediction:
     noisy_latents: torch.Tensor  # x_t
     model_pred: torch.Tensor  # UNet + ControlNet output (epsilon or v)
     diffusion_loss: torch.Tensor  # MSE against the noise / velocity, float32 scalar
+    encoder_hidden_states: torch.Tensor | None = None  # text embeddings (Ctrl-U predicts again at t + k)
+    condition: torch.Tensor | None = None  # ControlNet input, in the frozen models' dtype
+
+
+def controlled_unet(parts: StableDiffusionParts, controlnet: torch.nn.Module, noisy_latents: torch.Tensor,
+                    timesteps: torch.Tensor, encoder_hidden_states: torch.Tensor, condition: torch.Tensor
+                    ) -> torch.Tensor:
+    """The frozen UNet's prediction with the trainable ControlNet's residuals added."""
+    down_residuals, mid_residual = controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                                              controlnet_cond=condition, return_dict=False)
+    dtype = parts.weight_dtype
+    return parts.unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                      down_block_additional_residuals=[r.to(dtype) for r in down_residuals],
+                      mid_block_additional_residual=mid_residual.to(dtype), return_dict=False)[0]
 
 
 def predict_noise(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn.Module, args,
@@ -443,7 +478,7 @@ def predict_noise(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn
     ``reward_model`` is only used to compute the condition of canny / hed / lineart.
     ``timesteps`` (B,) replaces the sampled ones (tests and benchmarks that need a given mask).
     """
-    vae, unet, noise_scheduler, dtype = parts.vae, parts.unet, parts.noise_scheduler, parts.weight_dtype
+    vae, noise_scheduler, dtype = parts.vae, parts.noise_scheduler, parts.weight_dtype
     device = batch["pixel_values"].device
     with torch.no_grad():
         latents = vae.encode(batch["pixel_values"].to(dtype)).latent_dist.sample(generator)
@@ -456,54 +491,100 @@ def predict_noise(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
     condition = controlnet_condition(batch, reward_model).to(dtype)
-    down_residuals, mid_residual = controlnet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                                              controlnet_cond=condition, return_dict=False)
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
-                      down_block_additional_residuals=[r.to(dtype) for r in down_residuals],
-                      mid_block_additional_residual=mid_residual.to(dtype), return_dict=False)[0]
+    model_pred = controlled_unet(parts, controlnet, noisy_latents, timesteps, encoder_hidden_states, condition)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     diffusion_loss = F.mse_loss(model_pred.float(), target.float(), reduction="mean")
-    return NoisePrediction(latents, noise, timesteps, noisy_latents, model_pred, diffusion_loss)
+    return NoisePrediction(latents, noise, timesteps, noisy_latents, model_pred, diffusion_loss,
+                           encoder_hidden_states, condition)
+
+
+def decode_x0(parts: StableDiffusionParts, noisy_latents: torch.Tensor, model_pred: torch.Tensor,
+              timesteps: torch.Tensor) -> torch.Tensor:
+    """The single-step clean-image estimate, decoded by the VAE, in [0, 1] (differentiable)."""
+    vae = parts.vae
+    x0 = single_step_x0(parts.noise_scheduler, noisy_latents, model_pred, timesteps)
+    images = vae.decode(x0.to(parts.weight_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return (images / 2 + 0.5).clamp(0, 1)
 
 
 def windowed_reward_loss(batch: dict, parts: StableDiffusionParts, prediction: NoisePrediction, args,
-                         reward_model) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reward loss sum_i(mask_i * r_i) / (sum_i mask_i + 1e-10) and the mask (B,).
+                         reward_model, controlnet: torch.nn.Module | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor, float | None]:
+    """The reward loss sum_i(mask_i * r_i) / (sum_i mask_i + 1e-10), the mask (B,) and Ctrl-U's mean U.
 
     Only the samples inside the window are decoded and scored (defect 6: the original decoded
     the whole batch and masked ~80% of it away afterwards); the value is the same. When no
     sample is inside, neither the VAE nor the reward model runs and the loss is 0.
+    With --uncertainty_weighting, r_i is Ctrl-U's uncertainty-weighted loss (needs ``controlnet``).
     """
-    vae, dtype = parts.vae, parts.weight_dtype
     mask = reward_window_mask(prediction.timesteps, args.min_timestep_rewarding, args.max_timestep_rewarding)
     index = mask.nonzero().squeeze(1)
     if index.numel() == 0:
-        return torch.zeros((), device=mask.device), mask
-    x0 = single_step_x0(parts.noise_scheduler, prediction.noisy_latents[index], prediction.model_pred[index],
-                        prediction.timesteps[index])
-    images = vae.decode(x0.to(dtype) / vae.config.scaling_factor, return_dict=False)[0]
-    images = (images / 2 + 0.5).clamp(0, 1)
+        return torch.zeros((), device=mask.device), mask, None
+    timesteps = prediction.timesteps[index]
+    images = decode_x0(parts, prediction.noisy_latents[index], prediction.model_pred[index], timesteps)
     rewarded = subset(batch, index)
-    per_sample = reward_model.loss(reward_model(images), reward_model.target(rewarded))
-    return masked_mean_reward(per_sample, mask), mask
+    output, target = reward_model(images), reward_model.target(rewarded)
+    if not getattr(args, "uncertainty_weighting", False):
+        return masked_mean_reward(reward_model.loss(output, target), mask), mask, None
+    if controlnet is None:
+        raise ValueError("--uncertainty_weighting predicts a second time: pass the controlnet.")
+    # Ctrl-U: the same clean latent and the same noise, noised to t + k, predicted again.
+    later = (timesteps + args.uncertainty_timestep_offset).clamp(max=parts.noise_scheduler.config.num_train_timesteps - 1)
+    noisy_later = parts.noise_scheduler.add_noise(prediction.latents[index], prediction.noise[index], later)
+    pred_later = controlled_unet(parts, controlnet, noisy_later, later, prediction.encoder_hidden_states[index],
+                                 prediction.condition[index])
+    output_later = reward_model(decode_x0(parts, noisy_later, pred_later, later))
+    per_sample, uncertainty = uncertainty_weighted_loss(reward_model, output, output_later, target,
+                                                        args.uncertainty_scale)
+    return masked_mean_reward(per_sample, mask), mask, uncertainty
+
+
+def uncertainty_weighted_loss(reward_model, output: torch.Tensor, output_later: torch.Tensor, target: torch.Tensor,
+                              scale: float = 1.0) -> tuple[torch.Tensor, float]:
+    """Ctrl-U's per-sample reward: mean over valid pixels of exp(-U) * loss + U, and mean U.
+
+    U = scale * ``reward_model.disagreement`` of the reward outputs for the images predicted from
+    t and from t + k (KL of the class distributions for segmentation, absolute difference of the
+    dense maps otherwise). Pixels where the reward model's reading is unstable (U large) are
+    trusted less; the + U term keeps U from growing to silence the reward, and, since U is not
+    detached, also asks the two predictions to agree.
+    """
+    loss_map, valid = reward_model.pixel_loss(output, target)
+    uncertainty = scale * reward_model.disagreement(output, output_later)
+    if uncertainty.shape != loss_map.shape:
+        raise ValueError(f"{type(reward_model).__name__}.disagreement gave {tuple(uncertainty.shape)}, "
+                         f"pixel_loss {tuple(loss_map.shape)}: they must be on the same grid.")
+    per_sample = per_sample_mean(torch.exp(-uncertainty) * loss_map + uncertainty, valid)
+    return per_sample, per_sample_mean(uncertainty.detach(), valid).mean().item()
+
+
+def reward_weight(args, global_step: int) -> float:
+    """--grad_scale, ramped linearly over the first --reward_warmup_steps optimizer steps."""
+    warmup = getattr(args, "reward_warmup_steps", 0)
+    if warmup <= 0:
+        return args.grad_scale
+    return args.grad_scale * min(1.0, (global_step + 1) / warmup)
 
 
 def training_step(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn.Module, args,
-                  generator: torch.Generator, reward_model=None, timesteps: torch.Tensor | None = None
-                  ) -> StepOutput:
+                  generator: torch.Generator, reward_model=None, timesteps: torch.Tensor | None = None,
+                  global_step: int | None = None) -> StepOutput:
     """loss = diffusion_loss_weight * diffusion_loss + grad_scale * reward_loss (paper Eq. 7).
 
     ``controlnet`` is the (possibly DDP-wrapped) trainable model; ``parts`` holds the frozen ones.
-    Without ``reward_model`` this is plain ControlNet fine-tuning.
+    Without ``reward_model`` this is plain ControlNet fine-tuning. ``global_step`` (the optimizer
+    step) ramps the reward weight with --reward_warmup_steps; None means fully ramped.
     """
     prediction = predict_noise(batch, parts, controlnet, args, generator, reward_model, timesteps)
     loss = args.diffusion_loss_weight * prediction.diffusion_loss
-    reward_loss, rewarded_fraction = torch.zeros((), device=loss.device), 0.0
+    reward_loss, rewarded_fraction, uncertainty = torch.zeros((), device=loss.device), 0.0, None
     if reward_model is not None:
-        reward_loss, mask = windowed_reward_loss(batch, parts, prediction, args, reward_model)
+        reward_loss, mask, uncertainty = windowed_reward_loss(batch, parts, prediction, args, reward_model, controlnet)
         rewarded_fraction = mask.float().mean().item()
-        loss = loss + args.grad_scale * reward_loss
-    return StepOutput(loss, prediction.diffusion_loss.detach(), reward_loss.detach(), rewarded_fraction)
+        weight = args.grad_scale if global_step is None else reward_weight(args, global_step)
+        loss = loss + weight * reward_loss
+    return StepOutput(loss, prediction.diffusion_loss.detach(), reward_loss.detach(), rewarded_fraction, uncertainty)
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,7 +853,7 @@ def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, 
             with accelerator.accumulate(controlnet):
                 generator = step_generator(args.seed, accelerator.process_index, global_step, micro_step,
                                            accelerator.device)
-                out = training_step(batch, parts, controlnet, args, generator, reward_model)
+                out = training_step(batch, parts, controlnet, args, generator, reward_model, global_step=global_step)
                 # All ranks agree on skipping, or DDP's gradient all-reduce would hang.
                 finite = accelerator.reduce(torch.isfinite(out.loss.detach()).float(), reduction="sum")
                 if finite.item() == accelerator.num_processes:
@@ -810,7 +891,12 @@ def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, 
             logs = {key: value / micro_step for key, value in sums.items()}
             logs.update(lr=lr_scheduler.get_last_lr()[0], step_time=time.perf_counter() - cycle_start,
                         skipped_steps=skipped_steps)
+            if reward_model is not None and getattr(args, "reward_warmup_steps", 0) > 0:
+                logs["reward_weight"] = reward_weight(args, global_step - 1)
             accelerator.log(logs, step=global_step)
+            if accelerator.is_main_process:  # the same numbers as plain JSON lines, for scripts and plots
+                with open(Path(args.output_dir) / TRAIN_LOG_FILE, "a") as log_file:
+                    log_file.write(json.dumps({"step": global_step, **logs}) + "\n")
             progress.set_postfix(loss=f"{logs['loss']:.4f}", reward=f"{logs['reward_loss']:.4f}")
             sums, micro_step, cycle_nonfinite, cycle_start = _zero_sums(), 0, False, time.perf_counter()
 
@@ -841,6 +927,8 @@ def _accumulate(sums: dict, out: StepOutput) -> None:
     sums["diffusion_loss"] += out.diffusion_loss.item()
     sums["reward_loss"] += out.reward_loss.item()
     sums["rewarded_fraction"] += out.rewarded_fraction
+    if out.uncertainty is not None:  # Ctrl-U; averaged over all micro-batches like the rest
+        sums["uncertainty"] = sums.get("uncertainty", 0.0) + out.uncertainty
 
 
 def _validate(args, accelerator, parts, unwrapped, ema, inputs, step, reward_model) -> None:
