@@ -42,6 +42,7 @@ TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON line of logged values per optimiz
 CONTROLNET_SUBFOLDER = "controlnet"  # inside checkpoint-<N>/: training weights, diffusers format
 EMA_SUBFOLDER = "controlnet_ema"  # inside checkpoint-<N>/ and output_dir/: EMA weights, diffusers format
 REWARD_TASKS = ("canny", "hed", "lineart", "depth", "segmentation")  # == reward_models.REWARD_MODELS
+CONDITION_DETECTORS = ("canny", "hed", "lineart")  # the tasks whose condition is computed from the image
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,7 +86,8 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
     a("--num_train_epochs", type=int, default=1, help="ignored when --max_train_steps is given.")
     a("--max_train_steps", type=int, default=None, help="optimizer steps; overrides --num_train_epochs.")
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--gradient_checkpointing", action="store_true", help="recompute activations to save memory.")
+    a("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=False,
+      help="recompute activations to save memory (--no-gradient_checkpointing undoes a launcher's default).")
     a("--learning_rate", type=float, default=5e-6)
     a("--scale_lr", action="store_true", help="multiply the lr by accumulation x batch x processes.")
     a("--lr_scheduler", default="constant",
@@ -105,7 +107,8 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
       help="xformers attention (torch's SDPA, the default, is as fast and needs nothing).")
     a("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
       help="default: accelerate config; frozen models run in it, the ControlNet stays fp32.")
-    a("--use_ema", action="store_true", help="keep an EMA of the ControlNet (saved in controlnet_ema/).")
+    a("--use_ema", action=argparse.BooleanOptionalAction, default=False,
+      help="keep an EMA of the ControlNet (saved in controlnet_ema/); --no-use_ema undoes a launcher's default.")
     a("--ema_decay", type=float, default=0.9999, help="EMA decay (ramped as (1+n)/(10+n) at the start).")
     a("--diffusion_loss_weight", type=float, default=1.0,
       help="weight of the diffusion loss; 0 trains on the reward alone.")
@@ -130,6 +133,12 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
     a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     a("--logging_dir", default="logs", help="tensorboard folder, inside --output_dir.")
     a("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
+    if not reward:
+        a("--condition_detector", default=None, choices=CONDITION_DETECTORS,
+          help="compute the condition from the image with this task's detector (as reward fine-tuning and "
+               "evaluation do) instead of reading --conditioning_image_column.")
+        a("--condition_detector_path", default=None,
+          help="weights of --condition_detector (default: the paper's, see reward_models.DEFAULT_REWARD_MODEL_PATHS).")
     if reward:
         a("--task_name", required=True, choices=REWARD_TASKS, help="which reward model (paper Table 1).")
         a("--reward_model_name_or_path", default=None,
@@ -260,9 +269,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.diffusion_loss_weight == 0 and args.grad_scale == 0:
             raise ValueError("--diffusion_loss_weight 0 and --grad_scale 0 leave nothing to train; raise one.")
     else:
-        if args.conditioning_image_column is None:
-            raise ValueError("plain fine-tuning reads the condition from the dataset: pass "
-                             "--conditioning_image_column (e.g. control_seg).")
+        if args.conditioning_image_column is None and args.condition_detector is None:
+            raise ValueError("plain fine-tuning needs a condition: pass --conditioning_image_column (e.g. control_seg) "
+                             "or --condition_detector canny|hed|lineart to compute it from the image.")
+        if args.conditioning_image_column is not None and args.condition_detector is not None:
+            raise ValueError("pass --conditioning_image_column or --condition_detector, not both.")
+        if args.condition_detector_path is not None and args.condition_detector is None:
+            raise ValueError("--condition_detector_path needs --condition_detector.")
         if args.label_column is not None:
             raise ValueError("--label_column is used by reward fine-tuning only; drop it here.")
         if args.diffusion_loss_weight == 0:
@@ -573,17 +586,22 @@ def training_step(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn
     """loss = diffusion_loss_weight * diffusion_loss + grad_scale * reward_loss (paper Eq. 7).
 
     ``controlnet`` is the (possibly DDP-wrapped) trainable model; ``parts`` holds the frozen ones.
-    Without ``reward_model`` this is plain ControlNet fine-tuning. ``global_step`` (the optimizer
-    step) ramps the reward weight with --reward_warmup_steps; None means fully ramped.
+    Plain ControlNet fine-tuning when ``args`` has no reward flags (train_controlnet.py); there
+    ``reward_model``, if given, only computes the condition (--condition_detector). ``global_step``
+    (the optimizer step) ramps the reward weight with --reward_warmup_steps; None means fully ramped.
+    With a reward weight of 0 the reward loss is still computed, without gradient, for the logs.
     """
     prediction = predict_noise(batch, parts, controlnet, args, generator, reward_model, timesteps)
     loss = args.diffusion_loss_weight * prediction.diffusion_loss
     reward_loss, rewarded_fraction, uncertainty = torch.zeros((), device=loss.device), 0.0, None
-    if reward_model is not None:
-        reward_loss, mask, uncertainty = windowed_reward_loss(batch, parts, prediction, args, reward_model, controlnet)
-        rewarded_fraction = mask.float().mean().item()
+    if reward_model is not None and hasattr(args, "grad_scale"):
         weight = args.grad_scale if global_step is None else reward_weight(args, global_step)
-        loss = loss + weight * reward_loss
+        with contextlib.nullcontext() if weight > 0 else torch.no_grad():
+            reward_loss, mask, uncertainty = windowed_reward_loss(batch, parts, prediction, args, reward_model,
+                                                                  controlnet)
+        rewarded_fraction = mask.float().mean().item()
+        if weight > 0:
+            loss = loss + weight * reward_loss
     return StepOutput(loss, prediction.diffusion_loss.detach(), reward_loss.detach(), rewarded_fraction, uncertainty)
 
 
