@@ -6,8 +6,10 @@
 #   bash scripts/quickstart.sh                 # results in work_dirs/quickstart/
 #   QUICKSTART_STEPS=200 bash scripts/quickstart.sh
 #
-# The toy models are tiny and random, so the numbers check the chain, not the method: the
-# toy-scale reproduction of the paper's claim is a separate experiment.
+#   TOY=work_dirs/toy-pretrained bash scripts/quickstart.sh   # on the pretrained toy world
+#
+# The default toy models are tiny and random, so the numbers check the chain, not the method:
+# the toy-scale reproduction of the paper's claim is `python -m experiments.toy_table` (README).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -25,21 +27,30 @@ OUT=${OUT:-work_dirs/quickstart}
 STEPS=${QUICKSTART_STEPS:-100}
 mkdir -p "$OUT"
 
-stage "toy world -> $TOY"
-python -m utils.toy --out "$TOY"
+# TOY=work_dirs/toy-pretrained (written by `python -m experiments.toy_table` or utils.toy_pretrain)
+# runs the same chain on the pretrained toy world, starting from its canny baseline ControlNet.
+if python -c "import json, sys; sys.exit(0 if 'pretrained' in json.load(open(sys.argv[1])) else 1)" \
+    "$TOY/toy_world.json" 2>/dev/null; then
+  stage "pretrained toy world: $TOY"
+else
+  stage "toy world -> $TOY"
+  python -m utils.toy --out "$TOY"
+fi
+BASE=$TOY/toy-controlnet
+if [ -f "$TOY/controlnets/canny/diffusion_pytorch_model.safetensors" ]; then BASE=$TOY/controlnets/canny; fi
 
 stage "reward fine-tuning of the toy ControlNet on toy canny data ($STEPS steps)"
 # The launcher's defaults are the paper's (8 GPUs, batch 8 x 4, 10k steps, fp16); the
 # environment points it at the toy world and a CPU-sized run. The learning rate is raised
 # from the paper's 1e-5 so that 100 steps visibly move a random toy model.
-SD_PATH=$TOY/toy-sd15 CONTROLNET_PATH=$TOY/toy-controlnet REWARD_MODEL_PATH=canny \
+SD_PATH=$TOY/toy-sd15 CONTROLNET_PATH=$BASE REWARD_MODEL_PATH=canny \
 DATASET=$TOY/datasets/MultiGen-20M_train OUTPUT_DIR=$OUT/reward_canny \
 NUM_PROCESSES=1 MIXED_PRECISION=no RESOLUTION=64 TRAIN_BATCH_SIZE=8 GRAD_ACCUM=1 \
 MAX_TRAIN_STEPS=$STEPS CHECKPOINTING_STEPS=$STEPS VALIDATION_STEPS=$STEPS NUM_WORKERS=2 \
   bash train/reward_canny.sh --learning_rate 1e-4 \
     --num_validation_inference_steps 10 --report_to tensorboard
 
-for run in base:$TOY/toy-controlnet controlnet_pp:$OUT/reward_canny; do
+for run in base:$BASE controlnet_pp:$OUT/reward_canny; do
   name=${run%%:*}
   stage "generation and metrics: $name (${run#*:})"
   SD_PATH=$TOY/toy-sd15 MODEL_PATH=${run#*:} DATASET=$TOY/datasets/MultiGen-20M_canny_eval \

@@ -1,0 +1,104 @@
+"""The toy-scale experiment (experiments/toy_table.py): ControlNet vs ControlNet++ vs Ctrl-U.
+
+Default tier: the whole command at its small size on a copy of the test toy world (two tasks,
+two seeds, a few steps): baselines via train/train_controlnet.py, every variant through its
+launcher, evaluation through eval/, then the table, results.json and the plots, checked against
+the per-run files they are made from. Slow tier: the real experiment (README "Does it work?").
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from test_train_step import needs_mmseg
+
+TASKS = ("hed", "ade20k")  # MS-SSIM on upsampled 64 px generations, and mmseg segmentation
+SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def small_experiment(toy_world, tmp_path_factory):
+    needs_mmseg("ade20k")
+    from experiments import toy_table
+
+    root = tmp_path_factory.mktemp("experiment")
+    world = root / "world"  # baselines are written into the world: a copy, not the shared fixture
+    shutil.copytree(toy_world, world, ignore=shutil.ignore_patterns("cache-*.arrow"))
+    out = root / "out"
+    argv = ["--size", "small", "--pretrained", str(world), "--out", str(out), "--tasks", *TASKS,
+            "--seeds", *map(str, SEEDS)]
+    results = toy_table.main(argv)
+    return toy_table, world, out, argv, results
+
+
+def test_the_table_and_results_come_from_the_runs_evaluations(small_experiment):
+    toy_table, world, out, _, results = small_experiment
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["tasks"].keys() == set(TASKS) and on_disk["size"]["seeds"] == list(SEEDS)
+    for task in TASKS:
+        spec = toy_table.TASKS[task]
+        entry = on_disk["tasks"][task]
+        for variant in toy_table.VARIANTS:
+            per_seed = []
+            for seed in SEEDS:  # read independently from each evaluation folder
+                evaluation = json.loads((out / "eval" / task / variant / f"seed{seed}" / "results.json").read_text())
+                per_seed.append(evaluation[spec.metric[0]]["metrics"][spec.metric[1]])
+                config = json.loads((out / "eval" / task / variant / f"seed{seed}" / "eval_config.json").read_text())
+                assert Path(config["model_path"]) == out / "runs" / task / variant / f"seed{seed}"
+            value = entry["variants"][variant]["metric"]
+            assert value["per_seed"] == pytest.approx(per_seed)
+            assert value["mean"] == pytest.approx(statistics.fmean(per_seed))
+            assert value["std"] == pytest.approx(statistics.stdev(per_seed))
+    table = (out / "table.md").read_text()
+    for task in TASKS:
+        rows = [line for line in table.splitlines() if line.startswith(f"| {task} (")]
+        assert len(rows) == 2 and all(row.count("±") == 3 for row in rows), rows  # metric and FID rows
+    for name in ("reward_loss.png", "metric_over_steps.png", "samples.png"):
+        with Image.open(out / name) as image:
+            assert image.width > 200 and image.height > 100
+
+
+def test_each_variant_trained_as_specified(small_experiment):
+    toy_table, world, out, _, _ = small_experiment
+    baseline = json.loads((world / "controlnets" / "hed" / "training_config.json").read_text())
+    assert baseline["condition_detector"] == "hed" and baseline["max_train_steps"] == toy_table.SIZES["small"].baseline_steps
+    for task in TASKS:
+        paper = toy_table.paper_grad_scale(toy_table.TASKS[task].launcher)
+        configs = {variant: json.loads((out / "runs" / task / variant / "seed1" / "training_config.json").read_text())
+                   for variant in toy_table.VARIANTS}
+        for config in configs.values():  # same data, seed, steps and start for all three
+            assert config["seed"] == 1 and config["max_train_steps"] == toy_table.SIZES["small"].steps
+            assert Path(config["controlnet_model_name_or_path"]) == world / "controlnets" / task
+            assert config["gradient_checkpointing"] is False and config["learning_rate"] == 1e-3
+        assert configs["controlnet"]["grad_scale"] == 0
+        assert configs["controlnet_pp"]["grad_scale"] == pytest.approx(paper * toy_table.TOY_GRAD_SCALE_FACTOR)
+        assert not configs["controlnet_pp"]["uncertainty_weighting"]
+        assert configs["ctrl_u"]["uncertainty_weighting"] and configs["ctrl_u"]["max_timestep_rewarding"] == 400
+        # The reward is logged for the diffusion-only run too (computed without gradient).
+        log = [json.loads(line) for line in (out / "runs" / task / "controlnet" / "seed0" / "train_log.jsonl")
+               .read_text().splitlines()]
+        assert any(line["reward_loss"] > 0 for line in log)
+
+
+def test_a_second_run_reuses_everything(small_experiment):
+    toy_table, world, out, argv, results = small_experiment
+    weights = out / "runs" / "hed" / "controlnet_pp" / "seed0" / "diffusion_pytorch_model.safetensors"
+    before = weights.stat().st_mtime_ns
+    again = toy_table.main(argv)
+    assert weights.stat().st_mtime_ns == before  # nothing retrained
+    assert again["tasks"] == results["tasks"]
+
+
+@pytest.mark.slow
+def test_the_full_toy_experiment(tmp_path):
+    """The README's experiment: six tasks, three seeds (about half an hour with the pretrained world present)."""
+    from experiments import toy_table
+
+    results = toy_table.main(["--out", str(tmp_path / "out")])
+    assert set(results["tasks"]) == set(toy_table.TASKS) and results["size"]["seeds"] == [0, 1, 2]
+    assert (tmp_path / "out" / "table.md").read_text().count("±") == 6 * 2 * 3
