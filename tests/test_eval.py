@@ -325,6 +325,24 @@ def test_eval_lineart_end_to_end_default_and_reference_scoring(toy_world, tmp_pa
     assert reference["metrics"]["psnr"] == pytest.approx(psnr, abs=1e-4)
 
 
+def test_generation_resolution_upsamples_what_the_pipeline_draws_at_its_size(toy_world, tmp_path):
+    """--generation_resolution 64 --resolution 192: the 64 px images, upsampled; metrics at 192 px."""
+    small, large = tmp_path / "at64", tmp_path / "at192"
+    run_entry(generation_args(toy_world, "hed", small, max_samples=1, num_groups=1), env=ENV)
+    run_entry(generation_args(toy_world, "hed", large, max_samples=1, num_groups=1, resolution=192,
+                              generation_resolution=64), env=ENV)
+    drawn = torch.from_numpy(png(small / "images" / "group_0" / "0.png")).permute(2, 0, 1)[None].float()
+    upsampled = torch.nn.functional.interpolate(drawn, size=(192, 192), mode="bicubic").clamp(0, 255)
+    stored = torch.from_numpy(png(large / "images" / "group_0" / "0.png")).permute(2, 0, 1)[None].float()
+    # The run at 192 upsamples the pipeline's float image before rounding: within 2 levels of 255.
+    assert stored.shape[-1] == 192 and (stored - upsampled).abs().max().item() <= 2
+    assert png(large / "annotations" / "0.png").shape == (192, 192)
+    with pytest.raises(SystemExit):  # larger than the metric's resolution
+        from eval import eval as generate
+
+        generate.parse_args(generation_args(toy_world, "hed", tmp_path / "x", generation_resolution=128)[1:])
+
+
 # ------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------

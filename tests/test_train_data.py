@@ -241,10 +241,15 @@ def test_plain_finetuning_needs_a_condition_column_and_no_reward(toy_world, tmp_
     parse_args = load_entry("train_controlnet").parse_args
     common = ["--pretrained_model_name_or_path", str(toy_world / "toy-sd15"), "--dataset_name",
               str(toy_world / "datasets" / "Captioned_ADE20K"), "--caption_column", "prompt"]
-    with pytest.raises(ValueError, match=r"plain fine-tuning reads the condition from the dataset: pass "
-                                         r"--conditioning_image_column"):
+    with pytest.raises(ValueError, match=r"plain fine-tuning needs a condition: pass --conditioning_image_column "
+                                         r"\(e.g. control_seg\) or --condition_detector"):
         parse_args(common)
     args = parse_args(common + ["--conditioning_image_column", "control_seg"])
     assert not hasattr(args, "grad_scale")
+    with pytest.raises(ValueError, match="pass --conditioning_image_column or --condition_detector, not both"):
+        parse_args(common + ["--conditioning_image_column", "control_seg", "--condition_detector", "canny"])
+    with pytest.raises(ValueError, match="--condition_detector_path needs --condition_detector"):
+        parse_args(common + ["--conditioning_image_column", "control_seg", "--condition_detector_path", "x.pth"])
+    assert parse_args(common + ["--condition_detector", "hed"]).condition_detector == "hed"
     with pytest.raises(SystemExit):  # reward flags do not exist here
         parse_args(common + ["--conditioning_image_column", "control_seg", "--grad_scale", "1"])
