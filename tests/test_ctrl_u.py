@@ -116,3 +116,21 @@ def test_ctrl_u_run_logs_u_and_the_ramped_weight(toy_world, tmp_path, fresh_acce
     assert [line["step"] for line in lines] == [1, 2]
     assert [line["reward_weight"] for line in lines] == [0.5, 1.0]
     assert all(line["uncertainty"] > 0 and line["rewarded_fraction"] == 1.0 for line in lines)
+
+
+@pytest.mark.slow
+def test_ctrl_u_with_two_processes_and_gradient_checkpointing(toy_world, tmp_path):
+    """DDP sees two forwards of the ControlNet before one backward (t and t + k): it must train,
+    agree across ranks and resume like an uninterrupted run."""
+    from test_train_e2e import assert_same_weights, run_launcher
+
+    flags = ["--max_train_samples", "8", "--learning_rate", "1e-3", "--uncertainty_weighting",
+             "--max_timestep_rewarding", "999", "--uncertainty_timestep_offset", "20"]
+    env = {"NUM_PROCESSES": "2", "CHECKPOINTING_STEPS": "2", "VALIDATION_STEPS": "10", "OMP_NUM_THREADS": "1"}
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_launcher("reward_hed", toy_world, whole, *flags, "--max_train_steps", "3", env=env)
+    run_launcher("reward_hed", toy_world, part, *flags, "--max_train_steps", "2", env=env)
+    run_launcher("reward_hed", toy_world, part, *flags, "--max_train_steps", "3", env=env)
+    lines = [json.loads(line) for line in (whole / "train_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3] and all(line["uncertainty"] > 0 for line in lines)
+    assert_same_weights(whole, part)
