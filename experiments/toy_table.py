@@ -122,6 +122,7 @@ class Size:
     metric_points: int = 3  # seed 0 is also evaluated at steps/points, 2*steps/points, ...
     grad_scale_factor: float = TOY_GRAD_SCALE_FACTOR
     variants: tuple[str, ...] = VARIANTS
+    train_flags: tuple[str, ...] = ()  # appended to every fine-tuning run (investigations)
 
 
 SIZES = {
@@ -290,7 +291,8 @@ def finetune_jobs(world: Path, out: Path, tasks: list[str], size: Size) -> list[
                        "TRAIN_BATCH_SIZE": "16", "GRAD_ACCUM": "1", "MAX_TRAIN_STEPS": str(size.steps),
                        "CHECKPOINTING_STEPS": str(every), "VALIDATION_STEPS": str(size.steps), "NUM_WORKERS": "0"}
                 command = ["bash", f"train/{spec.launcher}.sh", *TOY_SETTINGS, "--seed", str(seed),
-                           *variant_flags(variant, paper_grad_scale(spec.launcher), size.steps, size.grad_scale_factor)]
+                           *variant_flags(variant, paper_grad_scale(spec.launcher), size.steps, size.grad_scale_factor),
+                           *size.train_flags]
                 jobs.append(Job(f"{task} {variant} seed {seed}", command, env, folder.parent / f"seed{seed}.log"))
     return jobs
 
@@ -514,6 +516,9 @@ def parse_args(argv=None):
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="default: all three")
     parser.add_argument("--grad_scale_factor", type=float, default=None,
                         help=f"reward weight = this x the launcher's grad_scale (default {TOY_GRAD_SCALE_FACTOR:g})")
+    parser.add_argument("--train_flags", nargs=argparse.REMAINDER, default=None,
+                        help="last: flags appended to every fine-tuning run, e.g. --train_flags "
+                             "--uncertainty_timestep_offset 50")
     parser.add_argument("--jobs", type=int, default=2, help="processes at a time (one thread each)")
     parser.add_argument("--evaluate_task", default=None, help=argparse.SUPPRESS)  # worker mode
     args = parser.parse_args(argv)
@@ -526,6 +531,7 @@ def main(argv=None) -> dict | None:
     args = parse_args(argv)
     size = SIZES[args.size]
     overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "grad_scale_factor": args.grad_scale_factor,
+                 "train_flags": tuple(args.train_flags) if args.train_flags else None,
                  "variants": tuple(v for v in VARIANTS if v in args.variants) if args.variants else None}
     size = Size(**{**size.__dict__, **{key: value for key, value in overrides.items() if value is not None}})
     out, start = Path(args.out), time.perf_counter()

@@ -31,7 +31,7 @@ def small_experiment(toy_world, tmp_path_factory):
     shutil.copytree(toy_world, world, ignore=shutil.ignore_patterns("cache-*.arrow"))
     out = root / "out"
     argv = ["--size", "small", "--pretrained", str(world), "--out", str(out), "--tasks", *TASKS,
-            "--seeds", *map(str, SEEDS)]
+            "--seeds", *map(str, SEEDS), "--train_flags", "--ema_decay", "0.99"]
     results = toy_table.main(argv)
     return toy_table, world, out, argv, results
 
@@ -73,6 +73,7 @@ def test_each_variant_trained_as_specified(small_experiment):
                    for variant in toy_table.VARIANTS}
         for config in configs.values():  # same data, seed, steps and start for all three
             assert config["seed"] == 1 and config["max_train_steps"] == toy_table.SIZES["small"].steps
+            assert config["ema_decay"] == 0.99  # --train_flags reach every run
             assert Path(config["controlnet_model_name_or_path"]) == world / "controlnets" / task
             assert config["gradient_checkpointing"] is False and config["learning_rate"] == 1e-3
         assert configs["controlnet"]["grad_scale"] == 0
