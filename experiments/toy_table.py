@@ -274,7 +274,7 @@ def checkpoint_steps(size: Size) -> list[int]:
 
 
 def finetune_jobs(world: Path, out: Path, tasks: list[str], size: Size) -> list[Job]:
-    jobs = []
+    jobs, intermediate = [], checkpoint_steps(size)
     for seed in size.seeds:
         for task in tasks:
             spec = TASKS[task]
@@ -284,7 +284,7 @@ def finetune_jobs(world: Path, out: Path, tasks: list[str], size: Size) -> list[
                 if is_trained(folder):
                     continue
                 # Seed 0 keeps intermediate checkpoints for the metric-over-steps plot.
-                every = checkpoint_steps(size)[0] if seed == size.seeds[0] and checkpoint_steps(size) else size.steps
+                every = intermediate[0] if seed == size.seeds[0] and intermediate else size.steps
                 env = {"SD_PATH": str(world / "toy-sd15"), "CONTROLNET_PATH": str(baseline_dir(world, task)),
                        "REWARD_MODEL_PATH": reward, "DATASET": str(world / "datasets" / spec.train_dataset),
                        "OUTPUT_DIR": str(folder), "NUM_PROCESSES": "1", "MIXED_PRECISION": "no", "RESOLUTION": "64",
@@ -363,6 +363,10 @@ def _train_log(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines() if line.strip()]
 
 
+def _mean_or(values: list[float], empty):
+    return statistics.fmean(values) if values else empty
+
+
 def _spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -386,12 +390,10 @@ def collect(world: Path, out: Path, tasks: list[str], size: Size) -> dict:
                 "metric": {"mean": mean_metric, "std": std_metric, "per_seed": [per_seed[s][0] for s in size.seeds]},
                 "fid": {"mean": mean_fid, "std": std_fid, "per_seed": [per_seed[s][1] for s in size.seeds]},
                 "final_reward_loss": statistics.fmean(
-                    statistics.fmean(line["reward_loss"] for line in log[-tail:] if line["rewarded_fraction"] > 0)
-                    if any(line["rewarded_fraction"] > 0 for line in log[-tail:]) else 0.0
+                    _mean_or([line["reward_loss"] for line in log[-tail:] if line["rewarded_fraction"] > 0], 0.0)
                     for log in logs.values()),
-                "mean_uncertainty": (statistics.fmean(line["uncertainty"] for log in logs.values() for line in log
-                                                      if "uncertainty" in line)
-                                     if any("uncertainty" in line for log in logs.values() for line in log) else None),
+                "mean_uncertainty": _mean_or([line["uncertainty"] for log in logs.values() for line in log
+                                              if "uncertainty" in line], None),
                 "metric_over_steps": [[0, metric]] + [
                     [step, _metric(out, task, f"{variant}/seed{size.seeds[0]}/step{step}")[0]]
                     for step in checkpoint_steps(size)] + [[size.steps, per_seed[size.seeds[0]][0]]],
