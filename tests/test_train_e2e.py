@@ -169,6 +169,36 @@ PAPER_VALUES = {"learning_rate": 1e-5, "lr_scheduler": "constant_with_warmup", "
                 "use_ema": True, "min_timestep_rewarding": 0, "max_timestep_rewarding": 200, "seed": 0}
 
 
+def _run_accelerate(tmp_path: Path, num_processes: str, path_prefix: str = ""):
+    """``run_accelerate`` of train/_launch.sh on a script that prints what it was given."""
+    import subprocess
+
+    script = tmp_path / "show.py"
+    script.write_text("import json, os, sys\n"
+                      "print(json.dumps({'argv': sys.argv[1:], 'use_cpu': os.environ.get('ACCELERATE_USE_CPU')}))\n")
+    env = {**os.environ, "NUM_PROCESSES": num_processes, "CUDA_VISIBLE_DEVICES": "",
+           "PATH": path_prefix + os.environ["PATH"]}
+    env.pop("ACCELERATE_CONFIG", None)
+    result = subprocess.run(["bash", "-c", 'source train/_launch.sh && run_accelerate "$0" --flag 1', str(script)],
+                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_one_process_runs_the_script_directly_and_more_go_through_accelerate_launch(tmp_path):
+    printed, shown = _run_accelerate(tmp_path, "1")
+    assert printed.startswith("+ ACCELERATE_USE_CPU=1 ") and " launch " not in printed
+    assert json.loads(shown) == {"argv": ["--mixed_precision", "no", "--flag", "1"], "use_cpu": "1"}
+    # Two processes: the real launcher with --multi_gpu (a stand-in `accelerate` records the call).
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "accelerate").write_text('#!/usr/bin/env bash\necho "accelerate $*"\n')
+    (fake / "accelerate").chmod(0o755)
+    printed, called = _run_accelerate(tmp_path, "2", f"{fake}:")
+    assert called.startswith("accelerate launch --multi_gpu --num_processes 2 --num_machines 1")
+    assert called.endswith("show.py --mixed_precision no --flag 1")
+
+
 def run_launcher(name: str, world: Path, output_dir: Path, *extra: str, env: dict | None = None):
     key, _ = LAUNCHERS[name]
     _, dataset, flags = TOY_TASKS[key]

@@ -1,6 +1,7 @@
 # Shared by the train/*.sh launchers (sourced, not run): builds and runs the `accelerate launch`
 # command. Environment variables (all optional):
-#   NUM_PROCESSES      processes (GPUs); default 8 as in the paper. >1 adds --multi_gpu.
+#   NUM_PROCESSES      processes (GPUs); default 8 as in the paper. >1 adds --multi_gpu; 1 runs the
+#                      script with python directly (no launcher needed for one process).
 #   ACCELERATE_CONFIG  an accelerate config file (train/configs/*.yaml), e.g. for several nodes
 #                      or DeepSpeed ZeRO-2; NUM_PROCESSES still overrides its process count.
 #   MACHINE_RANK, MAIN_PROCESS_IP   with ACCELERATE_CONFIG, several nodes: this node's rank, node 0's address.
@@ -37,10 +38,23 @@ if [[ -z "$ACCELERATE_BIN" ]]; then
     exit 1
 fi
 
+# The Python that belongs to that accelerate (for one-process runs, which need no launcher).
+PYTHON_BIN="$(dirname "$ACCELERATE_BIN")/python"
+if [[ ! -x "$PYTHON_BIN" ]]; then PYTHON_BIN="$(command -v python3 || command -v python)"; fi
+
 # run_accelerate SCRIPT ARGS...: print the resolved command, then run it.
 run_accelerate() {
     local script="$1"
     shift
+    if [[ -z "${ACCELERATE_CONFIG:-}" && "${NUM_PROCESSES:-8}" == 1 ]]; then
+        # One process: `accelerate launch` would only start this same command in a subprocess,
+        # after ~5 s of its own imports; the script's Accelerator finds the single-process setup
+        # itself (device, --mixed_precision), so run it directly.
+        local cmd=("$PYTHON_BIN" "$script" --mixed_precision "$MIXED_PRECISION" "$@")
+        echo "+ ${ACCELERATE_USE_CPU:+ACCELERATE_USE_CPU=1 }$(printf '%q ' "${cmd[@]}")"
+        "${cmd[@]}"
+        return
+    fi
     local launch=("$ACCELERATE_BIN" launch)
     if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
         launch+=(--config_file "$ACCELERATE_CONFIG")
