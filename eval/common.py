@@ -35,6 +35,29 @@ from PIL import Image
 CONFIG_NAME = "eval_config.json"
 RESULTS_NAME = "results.json"
 
+# Opt-in, in-process reuse across several evaluations (see ``enable_reuse``).
+_REUSED: dict | None = None
+
+
+def enable_reuse() -> None:
+    """Let later evaluations in this process reuse what earlier ones built: the frozen pipeline
+    parts, the annotator and evaluation models, the real images' conditions and FID statistics.
+    For sweeps that evaluate many checkpoints of one setup in one process (experiments/toy_table.py);
+    off by default, so a single evaluation keeps nothing in memory beyond its own run."""
+    global _REUSED
+    if _REUSED is None:
+        _REUSED = {}
+
+
+def reused(key: tuple, make):
+    """``make()``, or with reuse enabled the value an earlier call with the same ``key`` made.
+    The key must name everything the value depends on (paths, rows, resolution, dtype, device)."""
+    if _REUSED is None:
+        return make()
+    if key not in _REUSED:
+        _REUSED[key] = make()
+    return _REUSED[key]
+
 
 def generated_path(root: Path, group: int, row: int) -> Path:
     return Path(root) / "images" / f"group_{group}" / f"{row}.png"

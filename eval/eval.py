@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.common import (CONFIG_NAME, annotation_path, condition_path, generated_path, row_files,
+from eval.common import (CONFIG_NAME, annotation_path, condition_path, generated_path, reused, row_files,
                          visualization_path)
 from utils.data import load_dataset_any
 from utils.io import save_image, save_json
@@ -169,8 +169,13 @@ def load_pipeline(args, dtype: torch.dtype):
         common["vae"] = diffusers.AutoencoderKL.from_pretrained(args.vae_path, torch_dtype=dtype)
     if args.model == "controlnet":
         controlnet = diffusers.ControlNetModel.from_pretrained(args.model_path, torch_dtype=dtype)
-        pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(
-            args.sd_path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False, **common)
+        # The frozen Stable Diffusion parts do not depend on the ControlNet (reused across a sweep).
+        parts = reused(("sd-parts", args.sd_path, args.vae_path, str(dtype)), lambda: dict(
+            diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+                args.sd_path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False,
+                **common).components))
+        pipe = diffusers.StableDiffusionControlNetPipeline(**{**parts, "controlnet": controlnet},
+                                                           requires_safety_checker=False)
     elif args.model == "t2i-adapter":
         adapter = diffusers.T2IAdapter.from_pretrained(args.model_path, torch_dtype=dtype)
         pipe = diffusers.StableDiffusionAdapterPipeline.from_pretrained(
@@ -300,16 +305,22 @@ def main(args=None):
         return
     with state.main_process_first():  # the first process fills caches, the others read them
         pipe = load_pipeline(args, dtype).to(state.device)
-        annotator = build_reward_model(
+        annotator_key = ("annotator", args.task_name, args.reward_model_name_or_path, args.reward_model_checkpoint,
+                         args.label_format, str(state.device))
+        annotator = reused(annotator_key, lambda: build_reward_model(
             args.task_name, args.reward_model_name_or_path, device=state.device,
             **({"checkpoint": args.reward_model_checkpoint, "label_format": args.label_format}
-               if args.task_name == "segmentation" else {}))
+               if args.task_name == "segmentation" else {})))
     single_channel = args.model == "t2i-adapter" and pipe.adapter.config.in_channels == 1
 
     start = time.perf_counter()
     for chunk in tqdm(mine, desc=f"generating (process {state.process_index})", disable=not state.is_main_process):
         items = [read_row(dataset, row, args) for row in chunk]
-        conditions, annotations = conditions_and_annotations(items, annotator, args, state.device)
+        # The real rows' conditions and annotations do not depend on the model being evaluated.
+        conditions, annotations = reused(
+            ("conditions", args.dataset_name, args.dataset_split, tuple(chunk), args.resolution, args.condition_column,
+             args.label_column, args.label_format, *annotator_key),
+            lambda: conditions_and_annotations(items, annotator, args, state.device))
         condition_images = [Image.fromarray(c).convert("L" if single_channel else "RGB") for c in conditions]
         # Row-major: row 0 group 0..G-1, row 1 group 0..G-1, ...; one generator per image.
         generators = [torch.Generator("cpu").manual_seed(image_seed(args.seed, item["row"], g))

@@ -25,7 +25,8 @@ import argparse
 
 import torch
 
-from eval.common import RowDataset, benchmark_name, load_config, require_complete, resolve_device, row_loader, write_results
+from eval.common import (RowDataset, benchmark_name, load_config, require_complete, resolve_device, reused, row_loader,
+                         write_results)
 from utils import metrics
 
 DEFAULT_EVAL_MODEL = "Intel/dpt-large"
@@ -68,7 +69,8 @@ def main(args=None):
     num_groups = int(config["num_groups"])
     rows = require_complete(args.root_dir, config)
     device = resolve_device(args.device)
-    depth_model = build_reward_model("depth", args.eval_model_name_or_path, device=device)
+    depth_model = reused(("depth-model", args.eval_model_name_or_path, str(device)),
+                         lambda: build_reward_model("depth", args.eval_model_name_or_path, device=device))
     loader = row_loader(RowDataset(args.root_dir, rows, num_groups, generated=True), args.batch_size, args.num_workers)
     rmse = metrics.GroupedMean(num_groups)
     for batch in tqdm(loader, desc="depth RMSE"):

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.common import benchmark_name, generated_path, load_config, require_complete, resolve_device, write_results
+from eval.common import (benchmark_name, generated_path, load_config, require_complete, resolve_device, reused,
+                         write_results)
 from utils import metrics
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
@@ -126,8 +127,13 @@ def main(args=None):
     config = load_config(args.root_dir)
     rows = require_complete(args.root_dir, config)
     device = resolve_device(args.device)
-    features = inception_features(args.inception_path, device)
-    real = feature_stats(real_images(args, config, rows), features, device, args, "real images")
+    features = reused(("inception", args.inception_path, str(device)),
+                      lambda: inception_features(args.inception_path, device))
+    real_source = (args.real_image_path or (args.dataset_name or config["dataset_name"],
+                                            args.dataset_split or config["dataset_split"],
+                                            args.image_column or config["image_column"]))
+    real = reused(("fid-real", real_source, tuple(rows), args.inception_path, str(device)),
+                  lambda: feature_stats(real_images(args, config, rows), features, device, args, "real images"))
     per_group = []
     for group in range(int(config["num_groups"])):
         paths = [generated_path(args.root_dir, group, row) for row in rows]

@@ -343,6 +343,46 @@ def test_generation_resolution_upsamples_what_the_pipeline_draws_at_its_size(toy
         generate.parse_args(generation_args(toy_world, "hed", tmp_path / "x", generation_resolution=128)[1:])
 
 
+def test_written_images_are_lossless_and_get_the_usual_permissions(tmp_path):
+    from utils.io import _UMASK, save_image
+
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    path = save_image(image, tmp_path / "a" / "image.png")
+    np.testing.assert_array_equal(png(path), image)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_reuse_across_evaluations_in_one_process_changes_nothing(toy_world, tmp_path, monkeypatch):
+    """enable_reuse() (the toy experiment's sweeps): a second model evaluated after a first gives
+    the files and FID of a fresh evaluation, and its own ControlNet is the one that draws."""
+    from diffusers import ControlNetModel
+
+    from eval import common, eval_fid
+    from eval import eval as generate
+
+    other = tmp_path / "other-controlnet"
+    model = ControlNetModel.from_pretrained(toy_world / "toy-controlnet")
+    with torch.no_grad():
+        for parameter in model.controlnet_down_blocks.parameters():
+            parameter.add_(0.05)
+    model.save_pretrained(other)
+
+    def evaluate(model_path, out):
+        generate.main(generation_args(toy_world, "hed", out, max_samples=2, num_groups=1, model_path=model_path)[1:])
+        return eval_fid.main(["--root_dir", str(out), "--inception_path", str(toy_world / "fid" / "inception-toy.pt"),
+                              "--num_workers", "0"])["metrics"]["fid"]
+
+    monkeypatch.setattr(common, "_REUSED", None)
+    fresh = evaluate(other, tmp_path / "fresh")
+    common.enable_reuse()
+    evaluate(toy_world / "toy-controlnet", tmp_path / "first")
+    again = evaluate(other, tmp_path / "reused")
+    assert len(common._REUSED) >= 4  # SD parts, annotator, conditions, Inception, real statistics
+    assert tree(tmp_path / "reused") == tree(tmp_path / "fresh") and again == fresh
+    assert tree(tmp_path / "first") != tree(tmp_path / "fresh")
+
+
 # ------------------------------------------------------------------------------------------
 # Launchers
 # ------------------------------------------------------------------------------------------

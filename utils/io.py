@@ -15,6 +15,11 @@ import numpy as np
 from PIL import Image
 
 
+# The process's umask, read once: mkstemp creates files 0600, final files get the usual 0666 & ~umask.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call ``write(tmp_path)`` and rename the result to ``path`` (same folder, same filesystem)."""
     path = Path(path)
@@ -23,6 +28,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # readable by the group / others like any other output file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -32,10 +38,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 
 def save_image(image: Image.Image | np.ndarray, path: str | os.PathLike) -> Path:
-    """Save an image atomically as PNG (never JPEG: its artefacts corrupt label maps)."""
+    """Save an image atomically as PNG (never JPEG: its artefacts corrupt label maps). zlib level 1:
+    lossless like every level, 3-4x faster to write than the default 6 for ~15% larger files."""
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
-    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG", compress_level=1))
 
 
 def save_json(obj: Any, path: str | os.PathLike) -> Path:
