@@ -1,10 +1,12 @@
 """The paper's table at toy scale: ControlNet vs ControlNet++ vs Ctrl-U, six tasks, several seeds.
 
     python -m experiments.toy_table                            # the whole experiment (see README)
+    python -m experiments.toy_table --size long --out work_dirs/toy-experiment-long   # 3x longer runs
     python -m experiments.toy_table --size small --toy T --pretrained P --out O   # the fast test's size
 
 What it does, resuming whatever a previous run already finished (every stage skips outputs that
-are complete, so an interrupted run continues where it stopped):
+are complete, so an interrupted run continues where it stopped; ``<out>/experiment.json`` records
+the settings, and a folder made with other settings is refused rather than silently reused):
 
 1. The toy world (``python -m utils.toy``) and its pretrained copy (``python -m utils.toy_pretrain``):
    VAE, text-to-image UNet and the learned reward models trained on the toy data.
@@ -18,15 +20,16 @@ are complete, so an interrupted run continues where it stopped):
                    t <= 400, reward weight ramped up over the first fifth of the steps),
    all three through the task's launcher ``train/reward_<task>.sh`` with toy paths.
 4. Evaluation with ``eval/`` (the same code as eval/eval_<task>.sh, called in-process to save a
-   Python start per stage) on the toy validation split: the task's controllability metric and FID
+   Python start per stage; a task's evaluation starts as soon as its runs are done, while the next
+   task trains) on the toy validation split: the task's controllability metric and FID
    with the toy world's Inception-shaped feature extractor; for seed 0 also at the intermediate
    checkpoints.
 5. ``<out>/table.md`` and ``<out>/results.json`` (mean and spread over seeds), plots of the reward
    loss over training steps and of the metric over steps, and a grid of samples.
 
 Toy-scale settings that differ from the paper's, and why (all in TOY_SETTINGS / SIZES below):
-64 px, batch 16, lr 1e-3 without warm-up (tiny models trained for ~150 steps instead of SD1.5 at
-1e-5 for 10k steps); the paper's grad_scale of each task times TOY_GRAD_SCALE_FACTOR (the toy
+64 px, batch 16, lr 1e-3 without warm-up (tiny models trained for 40 steps, or 150 with --size
+long, instead of SD1.5 at 1e-5 for 10k steps); the paper's grad_scale of each task times TOY_GRAD_SCALE_FACTOR (the toy
 reward losses are small next to the toy diffusion loss: with the paper's weight alone canny F1
 moved by +0.1, with 10x by +1.1 in a pilot run); no gradient checkpointing (tiny models). HED and
 line drawing are scored by MS-SSIM, which needs images over 160 px: they are generated at 64 px
@@ -126,12 +129,19 @@ class Size:
 
 
 SIZES = {
-    "full": Size(seeds=(0, 1, 2), steps=150, baseline_steps=500, eval_rows=None, eval_groups=2,
-                 eval_inference_steps=10, pretrain_budget="full"),
+    # The default: the paper's table at toy scale within the issue's budget (under 15 minutes on 2
+    # cores with the pretrained toy world present): 40 steps per run, 64 validation rows x 1 image.
+    "full": Size(seeds=(0, 1, 2), steps=40, baseline_steps=500, eval_rows=None, eval_groups=1,
+                 eval_inference_steps=10, pretrain_budget="full", metric_points=2),
+    # Three times longer runs, two images per validation row (FID over 128): about 35 minutes.
+    "long": Size(seeds=(0, 1, 2), steps=150, baseline_steps=500, eval_rows=None, eval_groups=2,
+                 eval_inference_steps=10, pretrain_budget="full", metric_points=3),
     # The fast test: every stage and file, on the 24-row test world, in about two minutes.
     "small": Size(seeds=(0, 1), steps=3, baseline_steps=4, eval_rows=4, eval_groups=1, eval_inference_steps=2,
                   pretrain_budget="small"),
 }
+# What a finished output folder was made with must match a run that reuses it (experiment.json).
+REUSED_SETTINGS = ("steps", "eval_rows", "eval_groups", "eval_inference_steps", "grad_scale_factor", "train_flags")
 # The fine-tuning settings shared by the three variants (the launchers' other paper settings stay:
 # AdamW betas/wd/eps, max grad norm 1, EMA, the reward window 0..200, the seed flag).
 TOY_SETTINGS = ("--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--no-gradient_checkpointing",
@@ -155,14 +165,20 @@ class Job:
     env: dict[str, str] = field(default_factory=dict)
     log: Path | None = None
     done: callable = None  # called after success (e.g. to move a finished folder into place)
+    after: tuple[str, ...] = ()  # names of jobs that must finish first (absent ones count as done)
 
 
 def run_jobs(jobs: list[Job], parallel: int) -> None:
-    """Run ``jobs`` ``parallel`` at a time (one thread each); stop at the first failure with its log."""
-    pending, running = list(jobs), []
+    """Run ``jobs`` ``parallel`` at a time (one thread each), each as soon as the jobs it comes
+    ``after`` have finished, in list order otherwise; stop at the first failure with its log."""
+    pending, running, finished = list(jobs), [], set()
+    names = {job.name for job in jobs}
     while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
+        while len(running) < parallel:
+            job = next((j for j in pending if all(d in finished or d not in names for d in j.after)), None)
+            if job is None:
+                break
+            pending.remove(job)
             job.log.parent.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, **OFFLINE_ENV, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
                    "PYTHONPATH": str(REPO_ROOT), **job.env}
@@ -184,6 +200,7 @@ def run_jobs(jobs: list[Job], parallel: int) -> None:
                 raise RuntimeError(f"{job.name} failed (exit {process.returncode}); log {job.log}:\n{tail}")
             if job.done is not None:
                 job.done()
+            finished.add(job.name)
             print(f"  done {job.name} ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
@@ -274,26 +291,31 @@ def checkpoint_steps(size: Size) -> list[int]:
 
 
 def finetune_jobs(world: Path, out: Path, tasks: list[str], size: Size) -> list[Job]:
+    """Task by task (so that a task's evaluation can start while the next one trains)."""
     jobs, intermediate = [], checkpoint_steps(size)
-    for seed in size.seeds:
-        for task in tasks:
-            spec = TASKS[task]
-            reward = "canny" if spec.reward_model == "canny" else str(world / spec.reward_model)
+    for task in tasks:
+        spec = TASKS[task]
+        reward = "canny" if spec.reward_model == "canny" else str(world / spec.reward_model)
+        for seed in size.seeds:
+            first = seed == size.seeds[0]
             for variant in size.variants:
                 folder = run_dir(out, task, variant, seed)
                 if is_trained(folder):
                     continue
-                # Seed 0 keeps intermediate checkpoints for the metric-over-steps plot.
-                every = intermediate[0] if seed == size.seeds[0] and intermediate else size.steps
+                # Seed 0 keeps intermediate checkpoints for the metric-over-steps plot and writes the
+                # launcher's validation grid at the end; the other seeds write neither (not used here).
+                every = (intermediate[0] if intermediate else size.steps) if first else size.steps + 1
                 env = {"SD_PATH": str(world / "toy-sd15"), "CONTROLNET_PATH": str(baseline_dir(world, task)),
                        "REWARD_MODEL_PATH": reward, "DATASET": str(world / "datasets" / spec.train_dataset),
                        "OUTPUT_DIR": str(folder), "NUM_PROCESSES": "1", "MIXED_PRECISION": "no", "RESOLUTION": "64",
                        "TRAIN_BATCH_SIZE": "16", "GRAD_ACCUM": "1", "MAX_TRAIN_STEPS": str(size.steps),
-                       "CHECKPOINTING_STEPS": str(every), "VALIDATION_STEPS": str(size.steps), "NUM_WORKERS": "0"}
+                       "CHECKPOINTING_STEPS": str(every), "VALIDATION_STEPS": str(size.steps if first else size.steps + 1),
+                       "NUM_WORKERS": "0"}
                 command = ["bash", f"train/{spec.launcher}.sh", *TOY_SETTINGS, "--seed", str(seed),
                            *variant_flags(variant, paper_grad_scale(spec.launcher), size.steps, size.grad_scale_factor),
                            *size.train_flags]
-                jobs.append(Job(f"{task} {variant} seed {seed}", command, env, folder.parent / f"seed{seed}.log"))
+                jobs.append(Job(f"{task} {variant} seed {seed}", command, env, folder.parent / f"seed{seed}.log",
+                                after=(f"baseline {task}",)))
     return jobs
 
 
@@ -313,6 +335,9 @@ def evaluate_task(world: Path, out: Path, task: str, size: Size) -> None:
     """Every model of one task through eval/ (generation, controllability, FID), in this process."""
     from eval import eval as generate
     from eval import eval_depth, eval_edge, eval_fid, eval_seg
+    from eval.common import enable_reuse
+
+    enable_reuse()  # the frozen parts, annotators, real conditions and real FID statistics: once per task
 
     spec = TASKS[task]
     scorers = {"eval_edge": eval_edge, "eval_depth": eval_depth, "eval_seg": eval_seg}
@@ -343,9 +368,21 @@ def evaluate_task(world: Path, out: Path, task: str, size: Size) -> None:
 def evaluation_jobs(world: Path, out: Path, tasks: list[str], args, size: Size, logs: Path) -> list[Job]:
     """One process per task (models load once per process), the same size, seeds and variants."""
     scope = ["--size", args.size, "--seeds", *map(str, size.seeds), "--variants", *size.variants]
+    runs = {task: tuple(f"{task} {variant} seed {seed}" for seed in size.seeds for variant in size.variants)
+            for task in tasks}
     return [Job(f"evaluation {task}", [_python(), "-m", "experiments.toy_table", "--evaluate_task", task,
                                        "--pretrained", str(world), "--out", str(out), *scope],
-                {}, logs / f"eval_{task}.log") for task in tasks]
+                {}, logs / f"eval_{task}.log", after=(f"baseline {task}", *runs[task])) for task in tasks]
+
+
+def schedule(baselines: list[Job], runs: list[Job], evaluations: list[Job]) -> list[Job]:
+    """Baselines first, then each task's runs followed by its evaluation: with dependencies, a
+    task's evaluation starts as soon as its runs are done, while the next task trains."""
+    ordered = list(baselines)
+    for evaluation in evaluations:
+        task = evaluation.name.removeprefix("evaluation ")
+        ordered += [job for job in runs if job.name.startswith(f"{task} ")] + [evaluation]
+    return ordered
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,6 +543,25 @@ def sample_grid(out: Path, tasks: list[str], seed: int, variants=VARIANTS, rows_
 # ---------------------------------------------------------------------------------------------
 
 
+def check_reused_settings(out: Path, size: Size) -> None:
+    """Finished runs and evaluations in ``out`` are reused: only when made with the same settings."""
+    record = out / "experiment.json"
+    settings = {key: list(value) if isinstance(value, tuple) else value
+                for key, value in size.__dict__.items() if key in REUSED_SETTINGS}
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
+        if changed:
+            details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+            raise SystemExit(f"{out} holds runs made with other settings ({details}); they would be reused as if "
+                             f"they were this run's. Pass another --out, or delete {out} to start over.")
+    elif (out / "runs").is_dir():
+        raise SystemExit(f"{out} holds runs but no {record.name} saying how they were made; pass another --out, "
+                         f"or delete {out} to start over.")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings, indent=2) + "\n")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--toy", default="work_dirs/toy", help="the random toy world (made when missing)")
@@ -546,14 +602,15 @@ def main(argv=None) -> dict | None:
 
     stage("pretrained toy world")
     world = ensure_worlds(args, size)
+    check_reused_settings(out, size)
     logs = out / "logs"
-    stage(f"baselines (train/train_controlnet.py, {size.baseline_steps} steps) -> {world / 'controlnets'}")
-    run_jobs(baseline_jobs(world, args.tasks, size, logs), args.jobs)
-    stage(f"fine-tuning: {len(args.tasks)} tasks x {len(size.variants)} variants x seeds {list(size.seeds)}, "
-          f"{size.steps} steps each, through train/reward_<task>.sh")
-    run_jobs(finetune_jobs(world, out, args.tasks, size), args.jobs)
-    stage("evaluation (eval/, toy validation splits)")
-    run_jobs(evaluation_jobs(world, out, args.tasks, args, size, logs), args.jobs)
+    baselines = baseline_jobs(world, args.tasks, size, logs)
+    runs = finetune_jobs(world, out, args.tasks, size)
+    stage(f"{len(baselines)} baselines to train (train/train_controlnet.py, {size.baseline_steps} steps) -> "
+          f"{world / 'controlnets'}; {len(runs)} fine-tuning runs to do ({len(args.tasks)} tasks x "
+          f"{len(size.variants)} variants x seeds {list(size.seeds)}, {size.steps} steps each, through "
+          f"train/reward_<task>.sh), each task evaluated with eval/ once its runs are done; {args.jobs} at a time")
+    run_jobs(schedule(baselines, runs, evaluation_jobs(world, out, args.tasks, args, size, logs)), args.jobs)
     stage("table and plots")
     results = collect(world, out, args.tasks, size)
     results["seconds"] = round(time.perf_counter() - start)

@@ -95,9 +95,44 @@ def test_a_second_run_reuses_everything(small_experiment):
     assert again["tasks"] == results["tasks"]
 
 
+def test_jobs_start_after_the_jobs_they_depend_on(tmp_path):
+    """A task's evaluation waits for its runs; a dependency that is not scheduled counts as done."""
+    import sys
+
+    from experiments.toy_table import Job, run_jobs
+
+    order = tmp_path / "order.txt"
+
+    def job(name, seconds, after=()):
+        code = f"import time; time.sleep({seconds}); open({str(order)!r}, 'a').write({name!r} + '\\n')"
+        return Job(name, [sys.executable, "-c", code], log=tmp_path / f"{name}.log", after=after)
+
+    # With 2 at a time, "eval a" is first in line for the second slot but must wait for "run a".
+    run_jobs([job("run a", 1.0), job("eval a", 0, after=("run a", "baseline a")), job("run b", 0)], parallel=2)
+    assert order.read_text().split("\n")[:3] == ["run b", "run a", "eval a"]
+    failing = Job("broken", [sys.executable, "-c", "raise SystemExit(3)"], log=tmp_path / "broken.log")
+    with pytest.raises(RuntimeError, match="broken failed \\(exit 3\\)"):
+        run_jobs([failing, job("after broken", 0, after=("broken",))], parallel=1)
+    assert "after broken" not in order.read_text()
+
+
+def test_an_output_folder_made_with_other_settings_is_refused(tmp_path):
+    from experiments.toy_table import SIZES, check_reused_settings
+
+    out = tmp_path / "out"
+    check_reused_settings(out, SIZES["full"])
+    check_reused_settings(out, SIZES["full"])  # same settings: reused
+    with pytest.raises(SystemExit, match=r"other settings \(steps 40 -> 150, eval_groups 1 -> 2\)"):
+        check_reused_settings(out, SIZES["long"])
+    legacy = tmp_path / "legacy"
+    (legacy / "runs").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no experiment.json"):
+        check_reused_settings(legacy, SIZES["full"])
+
+
 @pytest.mark.slow
 def test_the_full_toy_experiment(tmp_path):
-    """The README's experiment: six tasks, three seeds (about half an hour with the pretrained world present)."""
+    """The README's experiment: six tasks, three seeds (about 15 minutes with the pretrained world present)."""
     from experiments import toy_table
 
     results = toy_table.main(["--out", str(tmp_path / "out")])
