@@ -164,25 +164,31 @@ def to_float(images_uint8: np.ndarray, device) -> torch.Tensor:
 def load_pipeline(args, dtype: torch.dtype):
     import diffusers
 
-    common = dict(torch_dtype=dtype)
-    if args.vae_path:
-        common["vae"] = diffusers.AutoencoderKL.from_pretrained(args.vae_path, torch_dtype=dtype)
+    def common() -> dict:
+        kwargs = dict(torch_dtype=dtype)
+        if args.vae_path:
+            kwargs["vae"] = diffusers.AutoencoderKL.from_pretrained(args.vae_path, torch_dtype=dtype)
+        return kwargs
+
     if args.model == "controlnet":
         controlnet = diffusers.ControlNetModel.from_pretrained(args.model_path, torch_dtype=dtype)
-        # The frozen Stable Diffusion parts do not depend on the ControlNet (reused across a sweep).
-        parts = reused(("sd-parts", args.sd_path, args.vae_path, str(dtype)), lambda: dict(
-            diffusers.StableDiffusionControlNetPipeline.from_pretrained(
+
+        def frozen_parts() -> dict:  # everything but the ControlNet (reused across a sweep)
+            parts = dict(diffusers.StableDiffusionControlNetPipeline.from_pretrained(
                 args.sd_path, controlnet=controlnet, safety_checker=None, requires_safety_checker=False,
-                **common).components))
-        pipe = diffusers.StableDiffusionControlNetPipeline(**{**parts, "controlnet": controlnet},
-                                                           requires_safety_checker=False)
+                **common()).components)
+            parts.pop("controlnet")
+            return parts
+
+        parts = reused(("sd-parts", args.sd_path, args.vae_path, str(dtype)), frozen_parts)
+        pipe = diffusers.StableDiffusionControlNetPipeline(**parts, controlnet=controlnet, requires_safety_checker=False)
     elif args.model == "t2i-adapter":
         adapter = diffusers.T2IAdapter.from_pretrained(args.model_path, torch_dtype=dtype)
         pipe = diffusers.StableDiffusionAdapterPipeline.from_pretrained(
-            args.sd_path, adapter=adapter, safety_checker=None, requires_safety_checker=False, **common)
+            args.sd_path, adapter=adapter, safety_checker=None, requires_safety_checker=False, **common())
     else:  # controlnet-sdxl
         controlnet = diffusers.ControlNetModel.from_pretrained(args.model_path, torch_dtype=dtype)
-        pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(args.sd_path, controlnet=controlnet, **common)
+        pipe = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(args.sd_path, controlnet=controlnet, **common())
     scheduler_class = diffusers.DDIMScheduler if args.ddim else diffusers.UniPCMultistepScheduler
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -318,8 +324,8 @@ def main(args=None):
         items = [read_row(dataset, row, args) for row in chunk]
         # The real rows' conditions and annotations do not depend on the model being evaluated.
         conditions, annotations = reused(
-            ("conditions", args.dataset_name, args.dataset_split, tuple(chunk), args.resolution, args.condition_column,
-             args.label_column, args.label_format, *annotator_key),
+            ("conditions", args.dataset_name, args.dataset_split, tuple(chunk), args.resolution, args.image_column,
+             args.condition_column, args.label_column, args.label_format, *annotator_key),
             lambda: conditions_and_annotations(items, annotator, args, state.device))
         condition_images = [Image.fromarray(c).convert("L" if single_channel else "RGB") for c in conditions]
         # Row-major: row 0 group 0..G-1, row 1 group 0..G-1, ...; one generator per image.

@@ -141,7 +141,8 @@ SIZES = {
                   pretrain_budget="small"),
 }
 # What a finished output folder was made with must match a run that reuses it (experiment.json).
-REUSED_SETTINGS = ("steps", "eval_rows", "eval_groups", "eval_inference_steps", "grad_scale_factor", "train_flags")
+REUSED_SETTINGS = ("steps", "eval_rows", "eval_groups", "eval_inference_steps", "grad_scale_factor", "train_flags",
+                   "metric_points")
 # The fine-tuning settings shared by the three variants (the launchers' other paper settings stay:
 # AdamW betas/wd/eps, max grad norm 1, EMA, the reward window 0..200, the seed flag).
 TOY_SETTINGS = ("--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--no-gradient_checkpointing",
@@ -177,6 +178,8 @@ def run_jobs(jobs: list[Job], parallel: int) -> None:
         while len(running) < parallel:
             job = next((j for j in pending if all(d in finished or d not in names for d in j.after)), None)
             if job is None:
+                if not running:  # nothing runs and nothing can start: a dependency cycle
+                    raise RuntimeError(f"jobs wait for each other: {[(j.name, j.after) for j in pending]}")
                 break
             pending.remove(job)
             job.log.parent.mkdir(parents=True, exist_ok=True)
@@ -543,11 +546,13 @@ def sample_grid(out: Path, tasks: list[str], seed: int, variants=VARIANTS, rows_
 # ---------------------------------------------------------------------------------------------
 
 
-def check_reused_settings(out: Path, size: Size) -> None:
-    """Finished runs and evaluations in ``out`` are reused: only when made with the same settings."""
+def check_reused_settings(out: Path, size: Size, world: Path) -> None:
+    """Finished runs and evaluations in ``out`` are reused: only when made with the same settings,
+    from the same pretrained world (its baselines), with the same seed keeping the checkpoints."""
     record = out / "experiment.json"
     settings = {key: list(value) if isinstance(value, tuple) else value
                 for key, value in size.__dict__.items() if key in REUSED_SETTINGS}
+    settings.update(pretrained=str(Path(world).resolve()), first_seed=size.seeds[0])
     if record.is_file():
         previous = json.loads(record.read_text())
         changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
@@ -602,7 +607,7 @@ def main(argv=None) -> dict | None:
 
     stage("pretrained toy world")
     world = ensure_worlds(args, size)
-    check_reused_settings(out, size)
+    check_reused_settings(out, size, world)
     logs = out / "logs"
     baselines = baseline_jobs(world, args.tasks, size, logs)
     runs = finetune_jobs(world, out, args.tasks, size)

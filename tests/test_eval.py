@@ -343,13 +343,14 @@ def test_generation_resolution_upsamples_what_the_pipeline_draws_at_its_size(toy
         generate.parse_args(generation_args(toy_world, "hed", tmp_path / "x", generation_resolution=128)[1:])
 
 
-def test_written_images_are_lossless_and_get_the_usual_permissions(tmp_path):
-    from utils.io import _UMASK, save_image
+def test_written_images_are_lossless_and_get_the_usual_permissions(tmp_path, monkeypatch):
+    from utils import io
 
+    monkeypatch.setattr(io, "_UMASK", 0o022)  # the common umask: group and others may read
     image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    path = save_image(image, tmp_path / "a" / "image.png")
+    path = io.save_image(image, tmp_path / "a" / "image.png")
     np.testing.assert_array_equal(png(path), image)
-    assert path.stat().st_mode & 0o777 == 0o666 & ~_UMASK
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's 0600
     assert not list(path.parent.glob(".*.tmp"))
 
 

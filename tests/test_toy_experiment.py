@@ -7,6 +7,7 @@ the per-run files they are made from. Slow tier: the real experiment (README "Do
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
@@ -110,6 +111,8 @@ def test_jobs_start_after_the_jobs_they_depend_on(tmp_path):
     # With 2 at a time, "eval a" is first in line for the second slot but must wait for "run a".
     run_jobs([job("run a", 1.0), job("eval a", 0, after=("run a", "baseline a")), job("run b", 0)], parallel=2)
     assert order.read_text().split("\n")[:3] == ["run b", "run a", "eval a"]
+    with pytest.raises(RuntimeError, match="wait for each other"):
+        run_jobs([job("x", 0, after=("y",)), job("y", 0, after=("x",))], parallel=2)
     failing = Job("broken", [sys.executable, "-c", "raise SystemExit(3)"], log=tmp_path / "broken.log")
     with pytest.raises(RuntimeError, match="broken failed \\(exit 3\\)"):
         run_jobs([failing, job("after broken", 0, after=("broken",))], parallel=1)
@@ -119,15 +122,20 @@ def test_jobs_start_after_the_jobs_they_depend_on(tmp_path):
 def test_an_output_folder_made_with_other_settings_is_refused(tmp_path):
     from experiments.toy_table import SIZES, check_reused_settings
 
-    out = tmp_path / "out"
-    check_reused_settings(out, SIZES["full"])
-    check_reused_settings(out, SIZES["full"])  # same settings: reused
-    with pytest.raises(SystemExit, match=r"other settings \(steps 40 -> 150, eval_groups 1 -> 2\)"):
-        check_reused_settings(out, SIZES["long"])
+    out, world = tmp_path / "out", tmp_path / "world"
+    check_reused_settings(out, SIZES["full"], world)
+    check_reused_settings(out, SIZES["full"], world)  # same settings: reused
+    with pytest.raises(SystemExit, match=r"other settings \(steps 40 -> 150, eval_groups 1 -> 2, metric_points 2 -> 3\)"):
+        check_reused_settings(out, SIZES["long"], world)
+    with pytest.raises(SystemExit, match=r"pretrained .*world -> .*other-world"):  # other baselines
+        check_reused_settings(out, SIZES["full"], tmp_path / "other-world")
+    later_seeds = dataclasses.replace(SIZES["full"], seeds=(1, 2))  # seed 1 kept no checkpoints
+    with pytest.raises(SystemExit, match="first_seed 0 -> 1"):
+        check_reused_settings(out, later_seeds, world)
     legacy = tmp_path / "legacy"
     (legacy / "runs").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no experiment.json"):
-        check_reused_settings(legacy, SIZES["full"])
+        check_reused_settings(legacy, SIZES["full"], world)
 
 
 @pytest.mark.slow

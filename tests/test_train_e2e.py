@@ -175,10 +175,12 @@ def _run_accelerate(tmp_path: Path, num_processes: str, path_prefix: str = ""):
 
     script = tmp_path / "show.py"
     script.write_text("import json, os, sys\n"
-                      "print(json.dumps({'argv': sys.argv[1:], 'use_cpu': os.environ.get('ACCELERATE_USE_CPU')}))\n")
+                      "print(json.dumps({'argv': sys.argv[1:], 'use_cpu': os.environ.get('ACCELERATE_USE_CPU'),\n"
+                      "                  'threads': os.environ.get('OMP_NUM_THREADS')}))\n")
     env = {**os.environ, "NUM_PROCESSES": num_processes, "CUDA_VISIBLE_DEVICES": "",
            "PATH": path_prefix + os.environ["PATH"]}
-    env.pop("ACCELERATE_CONFIG", None)
+    for name in ("ACCELERATE_CONFIG", "MIXED_PRECISION", "OMP_NUM_THREADS"):
+        env.pop(name, None)
     result = subprocess.run(["bash", "-c", 'source train/_launch.sh && run_accelerate "$0" --flag 1', str(script)],
                             cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -188,7 +190,8 @@ def _run_accelerate(tmp_path: Path, num_processes: str, path_prefix: str = ""):
 def test_one_process_runs_the_script_directly_and_more_go_through_accelerate_launch(tmp_path):
     printed, shown = _run_accelerate(tmp_path, "1")
     assert printed.startswith("+ ACCELERATE_USE_CPU=1 ") and " launch " not in printed
-    assert json.loads(shown) == {"argv": ["--mixed_precision", "no", "--flag", "1"], "use_cpu": "1"}
+    # One OpenMP thread unless set, as `accelerate launch` would have exported.
+    assert json.loads(shown) == {"argv": ["--mixed_precision", "no", "--flag", "1"], "use_cpu": "1", "threads": "1"}
     # Two processes: the real launcher with --multi_gpu (a stand-in `accelerate` records the call).
     fake = tmp_path / "bin"
     fake.mkdir()

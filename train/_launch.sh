@@ -40,7 +40,11 @@ fi
 
 # The Python that belongs to that accelerate (for one-process runs, which need no launcher).
 PYTHON_BIN="$(dirname "$ACCELERATE_BIN")/python"
-if [[ ! -x "$PYTHON_BIN" ]]; then PYTHON_BIN="$(command -v python3 || command -v python)"; fi
+if [[ ! -x "$PYTHON_BIN" ]]; then PYTHON_BIN="$(command -v python3 || command -v python || true)"; fi
+if [[ -z "$PYTHON_BIN" ]]; then
+    echo "No python next to $ACCELERATE_BIN nor on PATH." >&2
+    exit 1
+fi
 
 # run_accelerate SCRIPT ARGS...: print the resolved command, then run it.
 run_accelerate() {
@@ -49,7 +53,9 @@ run_accelerate() {
     if [[ -z "${ACCELERATE_CONFIG:-}" && "${NUM_PROCESSES:-8}" == 1 ]]; then
         # One process: `accelerate launch` would only start this same command in a subprocess,
         # after ~5 s of its own imports; the script's Accelerator finds the single-process setup
-        # itself (device, --mixed_precision), so run it directly.
+        # itself (device, --mixed_precision), so run it directly. OMP_NUM_THREADS defaults to 1
+        # as accelerate launch sets it (set it yourself for a CPU run with more threads).
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
         local cmd=("$PYTHON_BIN" "$script" --mixed_precision "$MIXED_PRECISION" "$@")
         echo "+ ${ACCELERATE_USE_CPU:+ACCELERATE_USE_CPU=1 }$(printf '%q ' "${cmd[@]}")"
         "${cmd[@]}"

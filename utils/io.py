@@ -15,9 +15,21 @@ import numpy as np
 from PIL import Image
 
 
-# The process's umask, read once: mkstemp creates files 0600, final files get the usual 0666 & ~umask.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+def _current_umask() -> int:
+    """The process's umask (from /proc on Linux; elsewhere set and restored at import)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates files 0600; final files get the usual 0666 & ~umask.
+_UMASK = _current_umask()
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
