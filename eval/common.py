@@ -59,6 +59,15 @@ def reused(key: tuple, make):
     return _REUSED[key]
 
 
+def reward_model(task: str, name: str, device, **kwargs):
+    """``reward_models.build_reward_model``, reused across evaluations with reuse enabled: eval.py's
+    annotator and eval_seg / eval_depth's evaluation model are one object when they are one model."""
+    from reward_models import build_reward_model
+
+    return reused(("reward-model", task, name, str(device), tuple(sorted(kwargs.items()))),
+                  lambda: build_reward_model(task, name, device=device, **kwargs))
+
+
 def generated_path(root: Path, group: int, row: int) -> Path:
     return Path(root) / "images" / f"group_{group}" / f"{row}.png"
 

@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.common import (CONFIG_NAME, annotation_path, condition_path, generated_path, reused, row_files,
-                         visualization_path)
+from eval.common import (CONFIG_NAME, annotation_path, condition_path, generated_path, reused, reward_model,
+                         row_files, visualization_path)
 from utils.data import load_dataset_any
 from utils.io import save_image, save_json
 
@@ -277,8 +277,6 @@ def main(args=None):
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
-    from reward_models import build_reward_model
-
     # PartialState (unlike Accelerator) ignores ACCELERATE_USE_CPU: without cpu=True, processes
     # launched on a machine without CUDA would each run the whole evaluation alone.
     state = PartialState(cpu=not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"))
@@ -311,12 +309,9 @@ def main(args=None):
         return
     with state.main_process_first():  # the first process fills caches, the others read them
         pipe = load_pipeline(args, dtype).to(state.device)
-        annotator_key = ("annotator", args.task_name, args.reward_model_name_or_path, args.reward_model_checkpoint,
-                         args.label_format, str(state.device))
-        annotator = reused(annotator_key, lambda: build_reward_model(
-            args.task_name, args.reward_model_name_or_path, device=state.device,
-            **({"checkpoint": args.reward_model_checkpoint, "label_format": args.label_format}
-               if args.task_name == "segmentation" else {})))
+        annotator = reward_model(args.task_name, args.reward_model_name_or_path, state.device,
+                                 **({"checkpoint": args.reward_model_checkpoint, "label_format": args.label_format}
+                                    if args.task_name == "segmentation" else {}))
     single_channel = args.model == "t2i-adapter" and pipe.adapter.config.in_channels == 1
 
     start = time.perf_counter()
@@ -325,7 +320,8 @@ def main(args=None):
         # The real rows' conditions and annotations do not depend on the model being evaluated.
         conditions, annotations = reused(
             ("conditions", args.dataset_name, args.dataset_split, tuple(chunk), args.resolution, args.image_column,
-             args.condition_column, args.label_column, args.label_format, *annotator_key),
+             args.condition_column, args.label_column, args.label_format, args.task_name,
+             args.reward_model_name_or_path, args.reward_model_checkpoint, str(state.device)),
             lambda: conditions_and_annotations(items, annotator, args, state.device))
         condition_images = [Image.fromarray(c).convert("L" if single_channel else "RGB") for c in conditions]
         # Row-major: row 0 group 0..G-1, row 1 group 0..G-1, ...; one generator per image.

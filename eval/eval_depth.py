@@ -25,8 +25,8 @@ import argparse
 
 import torch
 
-from eval.common import (RowDataset, benchmark_name, load_config, require_complete, resolve_device, reused, row_loader,
-                         write_results)
+from eval.common import (RowDataset, benchmark_name, load_config, require_complete, resolve_device, reward_model,
+                         row_loader, write_results)
 from utils import metrics
 
 DEFAULT_EVAL_MODEL = "Intel/dpt-large"
@@ -61,16 +61,13 @@ def main(args=None):
     args = parse_args(args)
     from tqdm.auto import tqdm
 
-    from reward_models import build_reward_model
-
     config = load_config(args.root_dir)
     if config["task_name"] != "depth":
         raise ValueError(f"{args.root_dir} holds a {config['task_name']!r} run; eval_depth.py scores depth runs.")
     num_groups = int(config["num_groups"])
     rows = require_complete(args.root_dir, config)
     device = resolve_device(args.device)
-    depth_model = reused(("depth-model", args.eval_model_name_or_path, str(device)),
-                         lambda: build_reward_model("depth", args.eval_model_name_or_path, device=device))
+    depth_model = reward_model("depth", args.eval_model_name_or_path, device)
     loader = row_loader(RowDataset(args.root_dir, rows, num_groups, generated=True), args.batch_size, args.num_workers)
     rmse = metrics.GroupedMean(num_groups)
     for batch in tqdm(loader, desc="depth RMSE"):

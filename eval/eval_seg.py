@@ -25,8 +25,8 @@ import argparse
 
 import torch
 
-from eval.common import (RowDataset, benchmark_name, load_config, require_complete, resolve_device, reused, row_loader,
-                         write_results)
+from eval.common import (RowDataset, benchmark_name, load_config, require_complete, resolve_device, reward_model,
+                         row_loader, write_results)
 from utils import metrics
 
 EVAL_SEGMENTERS = {
@@ -54,8 +54,6 @@ def main(args=None):
     args = parse_args(args)
     from tqdm.auto import tqdm
 
-    from reward_models import build_reward_model
-
     config = load_config(args.root_dir)
     if config["task_name"] != "segmentation":
         raise ValueError(f"{args.root_dir} holds a {config['task_name']!r} run; eval_seg.py scores segmentation runs.")
@@ -66,9 +64,8 @@ def main(args=None):
     num_groups = int(config["num_groups"])
     rows = require_complete(args.root_dir, config)
     device = resolve_device(args.device)
-    segmenter = reused(("segmenter", model_name, args.eval_model_checkpoint, config["label_format"], str(device)),
-                       lambda: build_reward_model("segmentation", model_name, checkpoint=args.eval_model_checkpoint,
-                                                  label_format=config["label_format"], device=device))
+    segmenter = reward_model("segmentation", model_name, device, checkpoint=args.eval_model_checkpoint,
+                             label_format=config["label_format"])
     areas = metrics.SegmentationAreas(segmenter.num_classes, num_groups)
     loader = row_loader(RowDataset(args.root_dir, rows, num_groups, generated=True), args.batch_size, args.num_workers)
     for batch in tqdm(loader, desc="segmentation"):

@@ -307,12 +307,13 @@ def finetune_jobs(world: Path, out: Path, tasks: list[str], size: Size) -> list[
                     continue
                 # Seed 0 keeps intermediate checkpoints for the metric-over-steps plot and writes the
                 # launcher's validation grid at the end; the other seeds write neither (not used here).
-                every = (intermediate[0] if intermediate else size.steps) if first else size.steps + 1
+                never = size.steps + 1
+                every = (intermediate[0] if intermediate else size.steps) if first else never
                 env = {"SD_PATH": str(world / "toy-sd15"), "CONTROLNET_PATH": str(baseline_dir(world, task)),
                        "REWARD_MODEL_PATH": reward, "DATASET": str(world / "datasets" / spec.train_dataset),
                        "OUTPUT_DIR": str(folder), "NUM_PROCESSES": "1", "MIXED_PRECISION": "no", "RESOLUTION": "64",
                        "TRAIN_BATCH_SIZE": "16", "GRAD_ACCUM": "1", "MAX_TRAIN_STEPS": str(size.steps),
-                       "CHECKPOINTING_STEPS": str(every), "VALIDATION_STEPS": str(size.steps if first else size.steps + 1),
+                       "CHECKPOINTING_STEPS": str(every), "VALIDATION_STEPS": str(size.steps if first else never),
                        "NUM_WORKERS": "0"}
                 command = ["bash", f"train/{spec.launcher}.sh", *TOY_SETTINGS, "--seed", str(seed),
                            *variant_flags(variant, paper_grad_scale(spec.launcher), size.steps, size.grad_scale_factor),
@@ -368,24 +369,26 @@ def evaluate_task(world: Path, out: Path, task: str, size: Size) -> None:
                        "--num_workers", "0"])
 
 
-def evaluation_jobs(world: Path, out: Path, tasks: list[str], args, size: Size, logs: Path) -> list[Job]:
+def evaluation_job(world: Path, out: Path, task: str, args, size: Size, logs: Path, after: tuple[str, ...]) -> Job:
     """One process per task (models load once per process), the same size, seeds and variants."""
     scope = ["--size", args.size, "--seeds", *map(str, size.seeds), "--variants", *size.variants]
-    runs = {task: tuple(f"{task} {variant} seed {seed}" for seed in size.seeds for variant in size.variants)
-            for task in tasks}
-    return [Job(f"evaluation {task}", [_python(), "-m", "experiments.toy_table", "--evaluate_task", task,
-                                       "--pretrained", str(world), "--out", str(out), *scope],
-                {}, logs / f"eval_{task}.log", after=(f"baseline {task}", *runs[task])) for task in tasks]
+    return Job(f"evaluation {task}", [_python(), "-m", "experiments.toy_table", "--evaluate_task", task,
+                                      "--pretrained", str(world), "--out", str(out), *scope],
+               {}, logs / f"eval_{task}.log", after=after)
 
 
-def schedule(baselines: list[Job], runs: list[Job], evaluations: list[Job]) -> list[Job]:
-    """Baselines first, then each task's runs followed by its evaluation: with dependencies, a
-    task's evaluation starts as soon as its runs are done, while the next task trains."""
-    ordered = list(baselines)
-    for evaluation in evaluations:
-        task = evaluation.name.removeprefix("evaluation ")
-        ordered += [job for job in runs if job.name.startswith(f"{task} ")] + [evaluation]
-    return ordered
+def schedule(world: Path, out: Path, args, size: Size, logs: Path) -> tuple[list[Job], int, int]:
+    """Baselines first, then each task's runs followed by its evaluation, which comes after them:
+    a task is evaluated as soon as its runs are done, while the next task trains. Returns the
+    jobs and how many baselines and runs there are to do."""
+    baselines = baseline_jobs(world, args.tasks, size, logs)
+    jobs, runs = list(baselines), 0
+    for task in args.tasks:
+        task_runs = finetune_jobs(world, out, [task], size)
+        after = (f"baseline {task}", *(job.name for job in task_runs))
+        jobs += [*task_runs, evaluation_job(world, out, task, args, size, logs, after)]
+        runs += len(task_runs)
+    return jobs, len(baselines), runs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -609,13 +612,12 @@ def main(argv=None) -> dict | None:
     world = ensure_worlds(args, size)
     check_reused_settings(out, size, world)
     logs = out / "logs"
-    baselines = baseline_jobs(world, args.tasks, size, logs)
-    runs = finetune_jobs(world, out, args.tasks, size)
-    stage(f"{len(baselines)} baselines to train (train/train_controlnet.py, {size.baseline_steps} steps) -> "
-          f"{world / 'controlnets'}; {len(runs)} fine-tuning runs to do ({len(args.tasks)} tasks x "
+    jobs, baselines, runs = schedule(world, out, args, size, logs)
+    stage(f"{baselines} baselines to train (train/train_controlnet.py, {size.baseline_steps} steps) -> "
+          f"{world / 'controlnets'}; {runs} fine-tuning runs to do ({len(args.tasks)} tasks x "
           f"{len(size.variants)} variants x seeds {list(size.seeds)}, {size.steps} steps each, through "
           f"train/reward_<task>.sh), each task evaluated with eval/ once its runs are done; {args.jobs} at a time")
-    run_jobs(schedule(baselines, runs, evaluation_jobs(world, out, args.tasks, args, size, logs)), args.jobs)
+    run_jobs(jobs, args.jobs)
     stage("table and plots")
     results = collect(world, out, args.tasks, size)
     results["seconds"] = round(time.perf_counter() - start)

@@ -50,31 +50,30 @@ fi
 run_accelerate() {
     local script="$1"
     shift
+    local launch
     if [[ -z "${ACCELERATE_CONFIG:-}" && "${NUM_PROCESSES:-8}" == 1 ]]; then
         # One process: `accelerate launch` would only start this same command in a subprocess,
         # after ~5 s of its own imports; the script's Accelerator finds the single-process setup
         # itself (device, --mixed_precision), so run it directly. OMP_NUM_THREADS defaults to 1
         # as accelerate launch sets it (set it yourself for a CPU run with more threads).
         export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-        local cmd=("$PYTHON_BIN" "$script" --mixed_precision "$MIXED_PRECISION" "$@")
-        echo "+ ${ACCELERATE_USE_CPU:+ACCELERATE_USE_CPU=1 }$(printf '%q ' "${cmd[@]}")"
-        "${cmd[@]}"
-        return
-    fi
-    local launch=("$ACCELERATE_BIN" launch)
-    if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
-        launch+=(--config_file "$ACCELERATE_CONFIG")
-        if [[ -n "${NUM_PROCESSES:-}" ]]; then launch+=(--num_processes "$NUM_PROCESSES"); fi
-        # Several nodes: the same command on each, with its rank and node 0's address.
-        if [[ -n "${MACHINE_RANK:-}" ]]; then launch+=(--machine_rank "$MACHINE_RANK"); fi
-        if [[ -n "${MAIN_PROCESS_IP:-}" ]]; then launch+=(--main_process_ip "$MAIN_PROCESS_IP"); fi
+        launch=("$PYTHON_BIN" "$script")
     else
-        local n="${NUM_PROCESSES:-8}"
-        if (( n > 1 )); then launch+=(--multi_gpu); fi
-        launch+=(--num_processes "$n" --num_machines 1 --dynamo_backend no)
+        launch=("$ACCELERATE_BIN" launch)
+        if [[ -n "${ACCELERATE_CONFIG:-}" ]]; then
+            launch+=(--config_file "$ACCELERATE_CONFIG")
+            if [[ -n "${NUM_PROCESSES:-}" ]]; then launch+=(--num_processes "$NUM_PROCESSES"); fi
+            # Several nodes: the same command on each, with its rank and node 0's address.
+            if [[ -n "${MACHINE_RANK:-}" ]]; then launch+=(--machine_rank "$MACHINE_RANK"); fi
+            if [[ -n "${MAIN_PROCESS_IP:-}" ]]; then launch+=(--main_process_ip "$MAIN_PROCESS_IP"); fi
+        else
+            local n="${NUM_PROCESSES:-8}"
+            if (( n > 1 )); then launch+=(--multi_gpu); fi
+            launch+=(--num_processes "$n" --num_machines 1 --dynamo_backend no)
+        fi
+        launch+=(--mixed_precision "$MIXED_PRECISION" "$script")
     fi
-    launch+=(--mixed_precision "$MIXED_PRECISION" "$script" --mixed_precision "$MIXED_PRECISION")
-    local cmd=("${launch[@]}" "$@")
+    local cmd=("${launch[@]}" --mixed_precision "$MIXED_PRECISION" "$@")
     echo "+ ${ACCELERATE_USE_CPU:+ACCELERATE_USE_CPU=1 }$(printf '%q ' "${cmd[@]}")"
     "${cmd[@]}"
 }
