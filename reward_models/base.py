@@ -279,7 +279,7 @@ class RewardModel(nn.Module):
     @torch.no_grad()
     def target(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Reward output of the real image: ``batch["pixel_values"]`` is in [-1, 1]."""
-        images = (batch["pixel_values"] + 1) / 2
+        images = batch["pixel_values"].float() * 0.5 + 0.5  # x * std + mean, as the original denormalised
         return self(images.to(self.device)).detach()
 
     def pixel_loss(self, output: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -300,7 +300,28 @@ class RewardModel(nn.Module):
         return per_sample_mean(loss_map, valid)
 
     def extract_condition(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """The ControlNet input (B, 3, H, W) computed from images in [0, 1], as in training."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def annotate(self, images: torch.Tensor) -> torch.Tensor:
+        """The condition (B, 3, H, W) in [0, 1] as the original's evaluation and demo computed it
+        from an image; the training input (``extract_condition``) unless a task differs (canny)."""
+        return self.extract_condition(images)
+
+    @torch.no_grad()
+    def condition_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """``annotate`` as an 8-bit image (B, 3, H, W) uint8: the stored input condition / label of
+        the evaluation. Rounded by default (exact for palettes and binary maps); the edge tasks
+        truncate as the original's ``to_pil_image`` (``mul(255).byte()``) did."""
+        return (self.annotate(images).float().clamp(0, 1) * 255).round().to(torch.uint8)
+
+    @torch.no_grad()
+    def extracted_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """The condition extracted from a *generated* image, stored as the original's evaluation
+        stored it (B, 3, H, W) uint8, in the ControlNet input's format; ``condition_uint8`` unless
+        the original stored generated maps differently (line drawing)."""
+        return self.condition_uint8(images)
 
     def label_from_image(self, image) -> Any:
         raise TypeError(

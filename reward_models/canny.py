@@ -1,13 +1,21 @@
-"""Differentiable Canny: the reward model and the condition extractor of the canny task.
+"""Canny: the reward model and the condition extractor of the canny task.
 
-As in the original release the detector is kornia's Canny with thresholds low 0.1 / high 0.2,
-a 5x5 Gaussian of sigma 1 and no hysteresis: grayscale -> blur -> unnormalised Sobel ->
-magnitude sqrt(gx^2 + gy^2 + eps) -> non-maximum suppression along the gradient direction
-rounded to 45 degrees (magnitude times the is-local-max mask, so it stays differentiable).
-
+Training (the original's ``train/canny_tools.py``): kornia's Canny with thresholds low 0.1 /
+high 0.2, a 5x5 Gaussian of sigma 1 and *no hysteresis*: grayscale -> blur -> unnormalised
+Sobel -> magnitude sqrt(gx^2 + gy^2 + eps) -> non-maximum suppression along the gradient
+direction rounded to 45 degrees (magnitude times the is-local-max mask, so it stays
+differentiable).
 - reward output: the magnitude after NMS (B, 1, H, W); it is not bounded by 1.
-- ControlNet condition: that magnitude with values below the low threshold set to 0, x3 channels.
+- ControlNet input in training (``extract_condition``): that magnitude with values at or below
+  the low threshold set to 0, x3 channels, *not clamped* (up to ~2.6 on a hard edge), as the
+  original fed it.
 
+Evaluation and inference (the original's ``eval/eval.py`` and demo, ``annotate``): kornia's
+Canny *with* hysteresis, a binary 0 / 1 edge map, which is also what lllyasviel's canny
+ControlNet was trained on.
+
+kornia is pinned to 0.7.0, the original's version: its NMS drops both pixels of an exact tie
+across an edge (0.9 keeps one), which shows on pixel-aligned shapes.
 There are no weights; ``name_or_path`` must be ``canny`` (the original flag value).
 """
 from __future__ import annotations
@@ -18,7 +26,7 @@ import torch.nn.functional as F
 from .base import RewardModel
 
 LOW_THRESHOLD = 0.1
-HIGH_THRESHOLD = 0.2  # only separates weak from strong edges in kornia; without hysteresis unused here
+HIGH_THRESHOLD = 0.2  # hysteresis threshold (evaluation and inference); training has no hysteresis
 GAUSSIAN_KERNEL_SIZE = (5, 5)
 GAUSSIAN_SIGMA = (1.0, 1.0)
 
@@ -41,6 +49,16 @@ def canny_magnitude(images: torch.Tensor) -> torch.Tensor:
             hysteresis=False,
         )
     return magnitude
+
+
+def binary_canny(images: torch.Tensor, low_threshold: float = LOW_THRESHOLD,
+                 high_threshold: float = HIGH_THRESHOLD) -> torch.Tensor:
+    """Edges (B, 1, H, W) in {0, 1}: ``kornia.filters.canny(images, low, high)[1]`` with its defaults
+    (5x5 Gaussian, sigma 1, hysteresis), exactly the call of the original's evaluation and demo."""
+    import kornia
+
+    with torch.autocast(device_type=images.device.type, enabled=False):
+        return kornia.filters.canny(images.float(), low_threshold, high_threshold)[1]
 
 
 def canny_edges(magnitude: torch.Tensor) -> torch.Tensor:
@@ -79,7 +97,13 @@ class CannyRewardModel(RewardModel):
 
     @torch.no_grad()
     def extract_condition(self, images: torch.Tensor) -> torch.Tensor:
+        """The training input: thresholded NMS magnitude, unclamped as in the original."""
         self._check_images(images)
-        edges = canny_edges(canny_magnitude(images))
-        # kornia's magnitude can exceed 1 (a unit step gives ~2.6); the ControlNet input is [0, 1].
-        return edges.clamp(0, 1).repeat(1, 3, 1, 1)
+        return canny_edges(canny_magnitude(images)).repeat(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def annotate(self, images: torch.Tensor, low_threshold: float = LOW_THRESHOLD,
+                 high_threshold: float = HIGH_THRESHOLD) -> torch.Tensor:
+        """Evaluation / inference edges: binary (0 / 1) after hysteresis, x3 channels."""
+        self._check_images(images)
+        return binary_canny(images, low_threshold, high_threshold).repeat(1, 3, 1, 1)

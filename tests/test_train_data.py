@@ -64,8 +64,11 @@ def make_dataset(captions, images=None, labels=None):
 def rows_of(dataset, tokenizer, **kwargs):
     from utils.data import ControlNetRows
 
+    # The aspect-keeping random crop (--resize_mode random_crop); the original's squash and centre
+    # crop are checked against its torchvision transforms in test_fidelity.py.
     options = dict(conditioning_image_column="control", label_column="label",
-                   label_from_image=lambda im: np.asarray(im.convert("L"), dtype=np.int64), seed=0)
+                   label_from_image=lambda im: np.asarray(im.convert("L"), dtype=np.int64), seed=0,
+                   resize_mode="random_crop")
     options.update(kwargs)
     return ControlNetRows(dataset, tokenizer, RESOLUTION, "image", "text", **options)
 
@@ -223,8 +226,21 @@ def test_tasks_with_dataset_conditions_or_labels_require_their_columns(toy_world
         parse_args(without_condition)
     seg = toy_flags(toy_world, "ade20k", tmp_path)
     without_label = [f for i, f in enumerate(seg) if f != "--label_column" and seg[i - 1] != "--label_column"]
-    with pytest.raises(ValueError, match=r"--task_name segmentation compares against label maps: pass --label_column"):
-        parse_args(without_label)
+    # ADE20K palettes without --label_column (the original's reward_ade20k.sh): the condition column
+    # is the label once the reward model says its labels are palettes; class-index labels need the column.
+    args = parse_args(without_label)
+    assert args.label_column is None
+    from types import SimpleNamespace
+
+    from utils.training import resolve_label_column
+
+    resolve_label_column(args, SimpleNamespace(label_format="ade20k_palette"))
+    assert args.label_column == "control_seg"
+    args.label_column = None
+    with pytest.raises(ValueError, match=r"not ADE20K palette images: pass --label_column \(panoptic_seg_map"):
+        resolve_label_column(args, SimpleNamespace(label_format="index"))
+    with pytest.raises(ValueError, match=r"--label_format index compares against class-index maps: pass --label_column"):
+        parse_args(without_label + ["--label_format", "index"])
 
 
 def test_parse_args_keeps_the_original_flags_and_defaults(toy_world, tmp_path):

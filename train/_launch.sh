@@ -83,7 +83,12 @@ run_accelerate() {
 # norm 1, constant lr after warmup, gradient checkpointing, EMA, checkpoint every 500 steps,
 # validation every 100 (UniPC, 20 steps). `--resume_from_checkpoint latest` makes re-running a
 # launcher continue from the last checkpoint in OUTPUT_DIR (a fresh start when there is none).
-# Fills the array PAPER_ARGS; $1 = default steps, $2 = warmup steps of the task.
+# Fills the array PAPER_ARGS; $1 = default steps, $2 = warmup in optimizer steps.
+# Warmup: the original passed --lr_warmup_steps F (0 canny; 10 hed, lineart, depth, COCO-Stuff; 200
+# ADE20K and both fine-tunes) and multiplied it by the accumulation steps (4), while accelerate
+# stepped its scheduler once per process (8) per optimizer step: the learning rate reached its
+# value after F x 4 / 8 optimizer steps. The launchers pass those effective counts (0 / 5 / 100);
+# --lr_warmup_steps here counts optimizer steps (docs/FIDELITY.md).
 paper_args() {
     PAPER_ARGS=(
         --pretrained_model_name_or_path "${SD_PATH:-stable-diffusion-v1-5/stable-diffusion-v1-5}"

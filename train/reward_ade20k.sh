@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# ControlNet++ reward fine-tuning, task segmentation (paper Table 8: grad_scale 0.5, 5000 steps, warmup 200).
+# ControlNet++ reward fine-tuning, task segmentation (paper Table 8: grad_scale 0.5, 5000 steps, warmup: the original's flag 200, i.e. 100 optimizer steps, see _launch.sh).
 #   train/reward_ade20k.sh                               # the paper's run (8 GPUs)
 #   NUM_PROCESSES=1 TRAIN_BATCH_SIZE=2 train/reward_ade20k.sh --max_train_steps 10   # flags after it override
 # Environment: SD_PATH CONTROLNET_PATH REWARD_MODEL_PATH REWARD_MODEL_CHECKPOINT DATASET OUTPUT_DIR
 # NUM_PROCESSES MIXED_PRECISION RESOLUTION TRAIN_BATCH_SIZE GRAD_ACCUM MAX_TRAIN_STEPS
 # CHECKPOINTING_STEPS VALIDATION_STEPS ACCELERATE_CONFIG (see train/README.md).
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
-paper_args 5000 200
+paper_args 5000 100
 reward_model_args "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py"
 run_accelerate train/reward_control.py \
     --task_name segmentation \

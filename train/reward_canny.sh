@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# ControlNet++ reward fine-tuning, task canny (paper Table 8: grad_scale 1.0, 10000 steps, warmup 0).
+# ControlNet++ reward fine-tuning, task canny (paper Table 8: grad_scale 1.0, 10000 steps, warmup: the original's flag 0, i.e. 0 optimizer steps, see _launch.sh).
 #   train/reward_canny.sh                               # the paper's run (8 GPUs)
 #   NUM_PROCESSES=1 TRAIN_BATCH_SIZE=2 train/reward_canny.sh --max_train_steps 10   # flags after it override
 # Environment: SD_PATH CONTROLNET_PATH REWARD_MODEL_PATH REWARD_MODEL_CHECKPOINT DATASET OUTPUT_DIR

@@ -53,6 +53,7 @@ def main(args) -> None:
         args.task_name, args.reward_model_name_or_path, checkpoint=args.reward_model_checkpoint,
         label_format=args.label_format, device=accelerator.device, dtype=parts.weight_dtype,
     )
+    training.resolve_label_column(args, reward_model)  # ADE20K without --label_column: the palette condition
     rows = training.build_train_rows(args, parts.tokenizer, reward_model)
     training.train(args, accelerator, parts, rows, reward_model)
 

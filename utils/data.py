@@ -5,11 +5,13 @@ import os
 from pathlib import Path
 
 
-def load_dataset_any(name_or_path: str, split: str | None = None, cache_dir: str | None = None):
+def load_dataset_any(name_or_path: str, split: str | None = None, cache_dir: str | None = None,
+                     config_name: str | None = None):
     """Load a dataset from a local ``save_to_disk`` folder, or from the hub by id.
 
     A local folder never touches the network. ``split`` picks one split of a ``DatasetDict``;
-    a saved single ``Dataset`` is returned as it is whatever the split.
+    a saved single ``Dataset`` is returned as it is whatever the split. ``config_name`` is the
+    hub dataset's configuration (``--dataset_config_name``); a local folder has none.
     """
     import datasets
 
@@ -21,11 +23,14 @@ def load_dataset_any(name_or_path: str, split: str | None = None, cache_dir: str
                 f"{path} exists but is not a dataset saved with `save_to_disk` (no dataset_dict.json "
                 "or state.json inside). Pass the folder written by `Dataset.save_to_disk`, or a hub id."
             )
+        if config_name is not None:
+            raise ValueError(f"--dataset_config_name {config_name} is for hub datasets; {path} is a local folder "
+                             "written by save_to_disk, which has no configurations. Drop the flag.")
         ds = datasets.load_from_disk(str(path))
     else:
         if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
             raise FileNotFoundError(f"dataset folder {name_or_path} does not exist")
-        ds = datasets.load_dataset(name_or_path, cache_dir=cache_dir)
+        ds = datasets.load_dataset(name_or_path, config_name, cache_dir=cache_dir)
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
             split = "train" if "train" in ds else next(iter(ds))
@@ -99,13 +104,23 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
+RESIZE_MODES = ("squash", "center_crop", "random_crop")
+RESIZE_INTERPOLATIONS = ("bicubic", "bilinear")
+
+
 class ControlNetRows:
     """A map-style dataset of training rows: the transforms of REFERENCE.md "Data".
 
-    Each row: target image resized (bicubic, antialias) so its shorter side is ``resolution``
-    and normalised to [-1, 1]; the conditioning image resized (bicubic) to the same size, in
-    [0, 1]; the label map through ``label_from_image`` then resized (nearest); one crop of
-    ``resolution`` (random in training, centred in eval) applied jointly to all three.
+    ``resize_mode`` says how an image becomes ``resolution`` x ``resolution``:
+    - ``squash`` (the original reward stage, ``reward_control.py``): resized to exactly
+      resolution x resolution, aspect ratio not kept; the original's random crop is then a no-op.
+    - ``center_crop`` (the original stage one, ``train_controlnet.py``): shorter side resized to
+      ``resolution``, then the centre crop.
+    - ``random_crop`` (aspect kept): shorter side resized, one random crop (centred when
+      ``train`` is False) applied jointly to image, condition and label.
+    ``resize_interpolation`` is ``bicubic`` (reward stage) or ``bilinear`` (stage one), with
+    antialiasing; labels are always resized nearest. The target image is normalised to [-1, 1]
+    as ``Normalize([0.5], [0.5])`` does it, the condition stays in [0, 1].
 
     Randomness (crop, caption choice, condition dropout) comes from a generator seeded by
     (seed, epoch, row index), so a row transforms the same way whatever the worker, the number
@@ -128,8 +143,16 @@ class ControlNetRows:
         text_condition_dropout: float = 0.0,
         all_condition_dropout: float = 0.0,
         dataset_name: str = "the dataset",
+        resize_mode: str = "squash",
+        resize_interpolation: str = "bicubic",
     ):
         import datasets
+
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+        if resize_interpolation not in RESIZE_INTERPOLATIONS:
+            raise ValueError(f"resize_interpolation must be one of {RESIZE_INTERPOLATIONS}, got {resize_interpolation!r}")
+        self.resize_mode, self.resize_interpolation = resize_mode, resize_interpolation
 
         require_columns(
             dataset,
@@ -181,35 +204,60 @@ class ControlNetRows:
                              f"strings, got {type(value).__name__}. Pass the right --caption_column.")
         return value
 
-    def __getitem__(self, index: int) -> dict:
+    def _resize_and_crop(self, rng):
+        """The row's geometry: a function (PIL image or (C,H,W) tensor, interpolation) -> (C,R,R) tensor.
+
+        Each input is resized on its own, from its own size, as the original's torchvision
+        transforms did; the crop offsets (random_crop) are drawn once, from the first input's
+        resized size, and shared by the condition and the label.
+        """
         import torch
         import torchvision.transforms.functional as TF
         from torchvision.transforms import InterpolationMode
 
+        size = self.resolution
+        modes = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+                 "nearest": InterpolationMode.NEAREST}
+        offsets = {}
+
+        def apply(value, interpolation: str):
+            mode = modes[interpolation]
+            if self.resize_mode == "squash":
+                resized = TF.resize(value, [size, size], interpolation=mode, antialias=True)
+                return resized if isinstance(resized, torch.Tensor) else TF.to_tensor(resized)
+            resized = TF.resize(value, size, interpolation=mode, antialias=True)
+            tensor = resized if isinstance(resized, torch.Tensor) else TF.to_tensor(resized)
+            height, width = tensor.shape[-2:]
+            if self.resize_mode == "center_crop" or rng is None:
+                return TF.center_crop(tensor, [size, size])
+            if not offsets:
+                offsets["top"] = int(rng.integers(height - size + 1))
+                offsets["left"] = int(rng.integers(width - size + 1))
+            top, left = offsets["top"], offsets["left"]
+            if top + size > height or left + size > width:
+                raise ValueError(f"the condition or label of a row is smaller than its image after resizing "
+                                 f"({height}x{width}); give them the image's size or use --resize_mode squash.")
+            return tensor[..., top : top + size, left : left + size]
+
+        return apply
+
+    def __getitem__(self, index: int) -> dict:
+        import torch
+
         rng = self._rng(index) if self.train else None
         row = self.dataset[index]
+        resize = self._resize_and_crop(rng)
         image = to_rgb(_pil_from_value(row[self.image_column], self.image_column, index))
-        image = TF.resize(image, self.resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
-        width, height = image.size
-        if rng is not None:
-            top = int(rng.integers(height - self.resolution + 1))
-            left = int(rng.integers(width - self.resolution + 1))
-        else:
-            top, left = (height - self.resolution) // 2, (width - self.resolution) // 2
-
-        def crop(tensor):
-            return tensor[..., top : top + self.resolution, left : left + self.resolution]
-
-        out = {"pixel_values": crop(TF.to_tensor(image) * 2.0 - 1.0), "index": index}
+        # (x - 0.5) / 0.5 exactly as torchvision's Normalize([0.5], [0.5]) computes it (the
+        # original's transform), not 2x - 1, which rounds differently in the last bit.
+        out = {"pixel_values": (resize(image, self.resize_interpolation) - 0.5) / 0.5, "index": index}
         if self.conditioning_image_column is not None:
             condition = to_rgb(_pil_from_value(row[self.conditioning_image_column], self.conditioning_image_column, index))
-            condition = TF.resize(condition, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
-            out["conditioning_pixel_values"] = crop(TF.to_tensor(condition))
+            out["conditioning_pixel_values"] = resize(condition, self.resize_interpolation)
         if self.label_column is not None:
             label_image = _pil_from_value(row[self.label_column], self.label_column, index)
             label = torch.from_numpy(self.label_from_image(label_image)).long()
-            label = TF.resize(label[None], [height, width], interpolation=InterpolationMode.NEAREST)[0]
-            out["labels"] = crop(label)
+            out["labels"] = resize(label[None], "nearest")[0]
 
         caption = self.caption(index, rng)
         # Condition dropout for classifier-free guidance (paper follows ControlNet: all 0 by

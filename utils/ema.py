@@ -23,9 +23,10 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 class ModelEMA:
     """Shadow copy (float32) of a model's parameters, updated after every optimizer step.
 
-    The decay ramps up as min(decay, (1 + n) / (10 + n)) after n updates, like diffusers'
-    ``EMAModel`` (the original release used it with its defaults): without the ramp, a 10k-step
-    run at decay 0.9999 would end with 37% of the *initial* weights in the average.
+    The decay of the update that follows n earlier ones is diffusers' ``EMAModel`` schedule with
+    its defaults, which the original release used: 0 for the first update (the average jumps to
+    the weights after the first optimizer step), then min(decay, (1 + n) / (10 + n)). Without the
+    ramp, a 10k-step run at decay 0.9999 would end with 37% of the *initial* weights in the average.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9999):
@@ -36,7 +37,8 @@ class ModelEMA:
         self.shadow = {name: p.detach().float().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     def current_decay(self) -> float:
-        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+        n = self.num_updates  # diffusers: step = optimization_step - 1, decay 0 while step <= 0
+        return 0.0 if n == 0 else min(self.decay, (1 + n) / (10 + n))
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:

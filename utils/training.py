@@ -29,7 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from utils.data import ControlNetRows, collate_rows, load_dataset_any, require_columns, to_rgb
+from utils.data import (RESIZE_INTERPOLATIONS, RESIZE_MODES, ControlNetRows, collate_rows, load_dataset_any,
+                        require_columns, to_rgb)
 from utils.diffusion import diffusion_target, masked_mean_reward, reward_window_mask, single_step_x0
 from reward_models.base import per_sample_mean
 from utils.ema import ModelEMA
@@ -64,18 +65,29 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
     a("--cache_dir", default=None, help="where downloaded models and datasets are cached.")
     # Data
     a("--dataset_name", default=None, help="dataset hub id or a folder written by save_to_disk.")
-    a("--dataset_config_name", default=None, help="unused, kept so original command lines run.")
+    a("--dataset_config_name", default=None, help="configuration of a hub dataset (passed to datasets.load_dataset).")
     a("--train_data_dir", default=None, help="alias of --dataset_name for a local folder (diffusers).")
     a("--dataset_split", default="train", help="split of the dataset to train on.")
     a("--image_column", default="image", help="column of the target image.")
     a("--conditioning_image_column", default=None,
-      help="column of the ControlNet condition (depth: control_depth, segmentation: control_seg); "
-           "canny/hed/lineart compute it from the image.")
+      help="column of the ControlNet condition (depth: control_depth, segmentation: control_seg). The original's "
+           "values canny / hed / lineart are not columns: they mean 'computed from the image by that detector'.")
     a("--caption_column", default="text", help="column of the caption (a string or a list of strings).")
-    a("--label_column", default=None, help="column of the segmentation label image (segmentation only).")
+    a("--label_column", default=None,
+      help="column of the segmentation label image (segmentation only); default for ADE20K palette reward models: "
+           "the condition column (the original's reward_ade20k.sh passes none).")
     a("--max_train_samples", type=int, default=None, help="train on the first N rows only.")
-    a("--keep_in_memory", action="store_true", help="load the whole dataset into RAM.")
+    a("--keep_in_memory", nargs="?", const=True, default=False, type=_boolean,
+      help="load the whole dataset into RAM (also `--keep_in_memory True`, as the original's command lines pass it).")
     a("--resolution", type=int, default=512, help="training resolution; must be divisible by 8.")
+    a("--resize_mode", default=None, choices=RESIZE_MODES,
+      help="how images become resolution x resolution. Default: the original's: squash (reward stage, "
+           "reward_control.py) or center_crop (stage one, train_controlnet.py); random_crop keeps the aspect ratio "
+           "and crops at random (utils/data.py: ControlNetRows).")
+    a("--resize_interpolation", default=None, choices=RESIZE_INTERPOLATIONS,
+      help="image / condition resampling. Default: the original's: bicubic (reward stage) or bilinear (stage one).")
+    a("--wrong_ids_file", default=None,
+      help="JSON file with a list of row indices to leave out (the original read a pickle here; pickles are refused).")
     a("--image_condition_dropout", type=float, default=0.0, help="probability of a black condition.")
     a("--text_condition_dropout", type=float, default=0.0, help="probability of an empty caption.")
     a("--all_condition_dropout", type=float, default=0.0, help="probability of dropping both.")
@@ -92,7 +104,10 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
     a("--scale_lr", action="store_true", help="multiply the lr by accumulation x batch x processes.")
     a("--lr_scheduler", default="constant",
       help="linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
-    a("--lr_warmup_steps", type=int, default=500)
+    a("--lr_warmup_steps", type=int, default=500,
+      help="optimizer steps of warmup. The original multiplied its value by the accumulation steps while accelerate "
+           "stepped the scheduler once per process: its flag F warmed up F x accumulation / processes optimizer "
+           "steps (200 -> 100 on 8 GPUs x 4); the launchers pass those effective values (docs/FIDELITY.md).")
     a("--lr_num_cycles", type=int, default=1)
     a("--lr_power", type=float, default=1.0)
     a("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW.")
@@ -133,12 +148,29 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
     a("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
     a("--logging_dir", default="logs", help="tensorboard folder, inside --output_dir.")
     a("--push_to_hub", action="store_true", help=argparse.SUPPRESS)
+    # The original release's flags that change nothing here, accepted so its command lines run unchanged.
+    a("--hub_token", default=None, help="accepted for the original's command lines (only used by --push_to_hub).")
+    a("--hub_model_id", default=None, help="accepted for the original's command lines (only used by --push_to_hub).")
+    a("--non_ema_revision", default=None, help="accepted for the original's command lines; unused there too.")
+    a("--max_val_samples", type=int, default=None,
+      help="the original's name for --num_validation_rows (rows validated on; the original drew them at random "
+           "from a validation split, here the first training rows are used).")
+    # Validation pipeline settings (the original defined these flags without using them: its validation ran
+    # the pipeline's defaults, which is what None keeps here).
+    a("--guidance_scale", type=float, default=None, help="CFG scale of the validation images (default: pipeline's 7.5).")
+    a("--controlnet_conditioning_scale", type=float, default=None, help="validation: ControlNet residual scale (default 1).")
+    a("--control_guidance_start", type=float, default=None, help="validation: fraction of steps where control starts (default 0).")
+    a("--control_guidance_end", type=float, default=None, help="validation: fraction of steps where control ends (default 1).")
     if not reward:
         a("--condition_detector", default=None, choices=CONDITION_DETECTORS,
           help="compute the condition from the image with this task's detector (as reward fine-tuning and "
                "evaluation do) instead of reading --conditioning_image_column.")
         a("--condition_detector_path", default=None,
           help="weights of --condition_detector (default: the paper's, see reward_models.DEFAULT_REWARD_MODEL_PATHS).")
+        # The original train_controlnet.py's names for flags that exist here under the reward stage's names.
+        a("--proportion_empty_prompts", type=float, default=None, help="the original's name of --text_condition_dropout.")
+        a("--min_train_timesteps", type=int, default=None, help="the original's name of --timestep_sampling_start.")
+        a("--max_train_timesteps", type=int, default=None, help="the original's name of --timestep_sampling_end.")
     if reward:
         a("--task_name", required=True, choices=REWARD_TASKS, help="which reward model (paper Table 1).")
         a("--reward_model_name_or_path", default=None,
@@ -162,6 +194,67 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _boolean(value: str) -> bool:
+    """``True``/``False``/``1``/``0``/``yes``/``no`` (the original's ``type=bool`` took "False" as True)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def _resolve_original_flags(args: argparse.Namespace, reward: bool) -> None:
+    """Give the original release's spellings their meaning here (its command lines run unchanged).
+
+    - ``--conditioning_image_column canny|hed|lineart`` was the original's sentinel for "compute the
+      condition from the image with that detector": the reward stage then computes it on the fly
+      (the value must be the task), stage one uses it as ``--condition_detector``.
+    - stage one's ``--proportion_empty_prompts`` / ``--min_train_timesteps`` / ``--max_train_timesteps``
+      are ``--text_condition_dropout`` / ``--timestep_sampling_start`` / ``--timestep_sampling_end``.
+    - ``--max_val_samples`` is ``--num_validation_rows``.
+    - the data geometry defaults to the original's per stage (squash + bicubic in the reward stage,
+      shorter side + centre crop + bilinear in stage one).
+    """
+    column = args.conditioning_image_column
+    if column in CONDITION_DETECTORS:
+        if reward:
+            if column != args.task_name:
+                raise ValueError(f"--conditioning_image_column {column} computes the {column} condition from the "
+                                 f"image, but --task_name is {args.task_name}; pass --conditioning_image_column "
+                                 f"{args.task_name} (or leave it out).")
+            args.conditioning_image_column = None
+        else:
+            if args.condition_detector not in (None, column):
+                raise ValueError(f"--conditioning_image_column {column} and --condition_detector "
+                                 f"{args.condition_detector} disagree; pass one of them.")
+            args.condition_detector, args.conditioning_image_column = column, None
+    if not reward:
+        for original, ours in (("proportion_empty_prompts", "text_condition_dropout"),
+                               ("min_train_timesteps", "timestep_sampling_start"),
+                               ("max_train_timesteps", "timestep_sampling_end")):
+            if getattr(args, original) is not None:
+                setattr(args, ours, getattr(args, original))
+    if args.max_val_samples is not None:
+        args.num_validation_rows = args.max_val_samples
+    if args.resize_mode is None:
+        args.resize_mode = "squash" if reward else "center_crop"
+    if args.resize_interpolation is None:
+        args.resize_interpolation = "bicubic" if reward else "bilinear"
+
+
+def resolve_label_column(args: argparse.Namespace, reward_model) -> None:
+    """Segmentation without ``--label_column`` (the original's reward_ade20k.sh): the labels come from
+    the ADE20K palette condition, mapped to classes at full size (REFERENCE.md "Data": the original
+    mapped the bicubic-resized condition, blending border colours; see docs/FIDELITY.md)."""
+    if args.label_column is not None or not needs_label_column(args.task_name):
+        return
+    if getattr(reward_model, "label_format", None) != "ade20k_palette":
+        raise ValueError(f"the reward model's labels are {getattr(reward_model, 'label_format', None)!r}, not ADE20K "
+                         "palette images: pass --label_column (panoptic_seg_map for COCO-Stuff).")
+    args.label_column = args.conditioning_image_column
+
+
 def _reward_class(task: str):
     from reward_models import REWARD_MODELS
 
@@ -178,6 +271,7 @@ def needs_label_column(task: str) -> bool:
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Reject flag combinations up front, with a sentence that says what to change."""
     reward = hasattr(args, "task_name")
+    _resolve_original_flags(args, reward)
     if args.dataset_name is None:
         args.dataset_name = args.train_data_dir
     if args.dataset_name is None:
@@ -247,9 +341,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if not reward_class.needs_condition_column and args.conditioning_image_column is not None:
             raise ValueError(f"--task_name {args.task_name} computes its condition from the image with the reward "
                              "model (as at evaluation); drop --conditioning_image_column.")
-        if needs_label_column(args.task_name) and args.label_column is None:
-            raise ValueError(f"--task_name {args.task_name} compares against label maps: pass --label_column "
-                             "(control_seg for ADE20K, panoptic_seg_map for COCO-Stuff).")
+        if needs_label_column(args.task_name) and args.label_column is None and args.label_format not in (
+                None, "ade20k_palette"):
+            raise ValueError(f"--task_name {args.task_name} with --label_format {args.label_format} compares against "
+                             "class-index maps: pass --label_column (panoptic_seg_map for COCO-Stuff).")
         if not needs_label_column(args.task_name):
             for flag in ("label_column", "label_format", "reward_model_checkpoint"):
                 if getattr(args, flag) is not None:
@@ -370,7 +465,10 @@ def load_stable_diffusion(args, device, weight_dtype: torch.dtype) -> StableDiff
 
 def load_train_dataset(args):
     """The training split with the configured columns checked (error lists the available ones)."""
-    dataset = load_dataset_any(args.dataset_name, args.dataset_split, cache_dir=args.cache_dir)
+    dataset = load_dataset_any(args.dataset_name, args.dataset_split, cache_dir=args.cache_dir,
+                               config_name=args.dataset_config_name)
+    if args.wrong_ids_file is not None:
+        dataset = dataset.select(rows_to_keep(args.wrong_ids_file, len(dataset)))
     require_columns(dataset, {"--image_column": args.image_column, "--caption_column": args.caption_column,
                               "--conditioning_image_column": args.conditioning_image_column,
                               "--label_column": args.label_column},
@@ -385,6 +483,23 @@ def load_train_dataset(args):
     return dataset
 
 
+def rows_to_keep(wrong_ids_file: str, num_rows: int) -> list[int]:
+    """Row indices not listed in ``--wrong_ids_file`` (a JSON list of integers)."""
+    path = Path(wrong_ids_file)
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        raise ValueError(f"--wrong_ids_file {path}: pickles can run code when read and are not loaded. Convert it "
+                         "once: python -c \"import json,pickle,sys; json.dump(sorted(pickle.load(open(sys.argv[1],'rb')))"
+                         ", open(sys.argv[2],'w'))\" OLD.pkl NEW.json, and pass the .json file.")
+    try:
+        wrong = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--wrong_ids_file {path}: cannot read a JSON list of row indices ({error}).") from error
+    if not isinstance(wrong, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in wrong):
+        raise ValueError(f"--wrong_ids_file {path} must hold a JSON list of integer row indices.")
+    excluded = set(wrong)
+    return [i for i in range(num_rows) if i not in excluded]
+
+
 def build_train_rows(args, tokenizer, reward_model=None, train: bool = True) -> ControlNetRows:
     return ControlNetRows(
         load_train_dataset(args), tokenizer, args.resolution, args.image_column, args.caption_column,
@@ -392,6 +507,7 @@ def build_train_rows(args, tokenizer, reward_model=None, train: bool = True) -> 
         label_from_image=reward_model.label_from_image if args.label_column else None, train=train, seed=args.seed,
         image_condition_dropout=args.image_condition_dropout, text_condition_dropout=args.text_condition_dropout,
         all_condition_dropout=args.all_condition_dropout, dataset_name=f"{args.dataset_name} ({args.dataset_split})",
+        resize_mode=args.resize_mode, resize_interpolation=args.resize_interpolation,
     )
 
 
@@ -442,6 +558,12 @@ def subset(batch: dict, index: torch.Tensor) -> dict:
             for key, value in batch.items()}
 
 
+def denormalize(pixel_values: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] as the original computed it (x * std + mean with std = mean = 0.5), which
+    gives back the ``ToTensor`` values the normalisation started from bit for bit."""
+    return pixel_values.float() * 0.5 + 0.5
+
+
 def controlnet_condition(batch: dict, reward_model) -> torch.Tensor:
     """The ControlNet input in [0, 1]: the dataset's conditioning column, or computed on the device.
 
@@ -452,7 +574,7 @@ def controlnet_condition(batch: dict, reward_model) -> torch.Tensor:
         condition = batch["conditioning_pixel_values"]
     else:
         with torch.no_grad():
-            condition = reward_model.extract_condition((batch["pixel_values"] + 1) / 2)
+            condition = reward_model.extract_condition(denormalize(batch["pixel_values"]))
     if "drop_condition" in batch:  # image / all condition dropout: a black condition image
         keep = (~batch["drop_condition"]).to(device=condition.device, dtype=condition.dtype)
         condition = condition * keep[:, None, None, None]
@@ -722,7 +844,8 @@ def validation_inputs(args, rows: ControlNetRows, reward_model, device) -> list[
             pairs.append((prompt, TF.to_tensor(image)))
         return pairs
     eval_rows = ControlNetRows(rows.dataset, rows.tokenizer, args.resolution, rows.image_column, rows.caption_column,
-                               conditioning_image_column=rows.conditioning_image_column, train=False, seed=args.seed)
+                               conditioning_image_column=rows.conditioning_image_column, train=False, seed=args.seed,
+                               resize_mode=rows.resize_mode, resize_interpolation=rows.resize_interpolation)
     for index in range(min(args.num_validation_rows, len(eval_rows))):
         row = eval_rows[index]
         batch = {key: value[None].to(device) for key, value in row.items()
@@ -730,6 +853,13 @@ def validation_inputs(args, rows: ControlNetRows, reward_model, device) -> list[
         condition = controlnet_condition(batch, reward_model)[0].float().cpu()
         pairs.append((eval_rows.caption(index), condition))
     return pairs
+
+
+def validation_pipeline_kwargs(args) -> dict:
+    """The validation flags the user set (the original's unused --guidance_scale etc.); None keeps the
+    pipeline's default, which is what the original's validation ran."""
+    names = ("guidance_scale", "controlnet_conditioning_scale", "control_guidance_start", "control_guidance_end")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def _to_pil(image01: torch.Tensor):
@@ -762,7 +892,7 @@ def log_validation(args, accelerator, parts: StableDiffusionParts, controlnet, i
             with accelerator.autocast():
                 generated = pipeline(prompt, image=condition_pil, num_inference_steps=args.num_validation_inference_steps,
                                      generator=generator, height=args.resolution, width=args.resolution,
-                                     output_type="pil").images[0]
+                                     output_type="pil", **validation_pipeline_kwargs(args)).images[0]
             row = [condition_pil, generated]
             if reward_model is not None:
                 import torchvision.transforms.functional as TF
