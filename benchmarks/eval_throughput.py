@@ -89,12 +89,12 @@ def original_generation(toy: Path, out: Path, args, visualize: bool) -> float:
     for idx in range(args.rows):
         example = dataset[idx]
         image = example["image"].convert("RGB").resize(size, Image.BICUBIC)
-        condition = canny.extract_condition(TF.pil_to_tensor(image)[None] / 255.0)[:, 0]
+        condition = canny.annotate(TF.pil_to_tensor(image)[None] / 255.0)[:, 0]
         condition = TF.to_pil_image(condition, "L").convert("RGB")
         images = pipe(prompt=[example["text"]] * 4, image=[condition] * 4, num_inference_steps=args.num_inference_steps,
                       guidance_scale=7.5, negative_prompt=[NEGATIVE_PROMPT] * 4, height=args.resolution,
                       width=args.resolution).images
-        edges = canny.extract_condition(torch.stack([TF.pil_to_tensor(i) / 255.0 for i in images]))[:, :1]
+        edges = canny.annotate(torch.stack([TF.pil_to_tensor(i) / 255.0 for i in images]))[:, :1]
         edges = [TF.to_pil_image(e, "L").convert("RGB") for e in edges]
         for group, (generated, edge) in enumerate(zip(images, edges)):
             generated.save(out / "images" / f"group_{group}" / f"{idx}.png")

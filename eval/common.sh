@@ -23,7 +23,6 @@ EVAL_MODEL_CHECKPOINT=${EVAL_MODEL_CHECKPOINT:-}
 INCEPTION_PATH=${INCEPTION_PATH:-}                           # empty: clean-fid downloads inception-2015-12-05.pt
 CLIP_PATH=${CLIP_PATH:-openai/clip-vit-base-patch16}
 MIXED_PRECISION=${MIXED_PRECISION:-}                         # empty: fp16 on CUDA, fp32 on CPU
-REFERENCE_SCORING=${REFERENCE_SCORING:-0}                    # 1: also score as the original release did
 DRY_RUN=${DRY_RUN:-0}                                        # 1: print the commands only
 
 PYTHON=${PYTHON:-python}
@@ -56,9 +55,9 @@ run "${GENERATE[@]}" "$@"
 SCORE=("$PYTHON" "eval/$METRIC_SCRIPT" --root_dir "$OUTPUT_DIR")
 if [ -n "$EVAL_MODEL_PATH" ]; then SCORE+=(--eval_model_name_or_path "$EVAL_MODEL_PATH"); fi
 if [ -n "$EVAL_MODEL_CHECKPOINT" ]; then SCORE+=(--eval_model_checkpoint "$EVAL_MODEL_CHECKPOINT"); fi
+# Writes both scorings: the paper protocol (the original's computation, <metric>_paper in results.json)
+# and the corrected one (<metric>); see docs/FIDELITY.md.
 run "${SCORE[@]}"
-# Segmentation mIoU was computed correctly by the original: no separate reference scoring.
-if [ "$REFERENCE_SCORING" = 1 ] && [ "$METRIC_SCRIPT" != eval_seg.py ]; then run "${SCORE[@]}" --reference_scoring; fi
 
 FID=("$PYTHON" eval/eval_fid.py --root_dir "$OUTPUT_DIR")
 if [ -n "$INCEPTION_PATH" ]; then FID+=(--inception_path "$INCEPTION_PATH"); fi

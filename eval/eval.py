@@ -59,8 +59,13 @@ SEGMENTATION_ANNOTATORS = {
 }
 # Settings that change the generated files: a folder generated with other values cannot be
 # completed by this run (checked against eval_config.json).
+# What the stored conditions and annotations are: "original" = as the original release's eval.py
+# wrote them (canny: binary edges after hysteresis; hed / lineart maps truncated to uint8; depth
+# label min-max normalised at full size, truncated, resized nearest). A folder written by an
+# earlier version of this code (no such entry) is refused rather than completed with other files.
+CONDITION_PROTOCOL = "original"
 GENERATION_SETTINGS = (
-    "task_name", "dataset_name", "dataset_split", "image_column", "condition_column", "prompt_column",
+    "condition_protocol", "task_name", "dataset_name", "dataset_split", "image_column", "condition_column", "prompt_column",
     "label_column", "label_format", "model", "model_path", "sd_path", "vae_path", "guidance_scale",
     "num_inference_steps", "num_groups", "resolution", "seed", "negative_prompt", "mixed_precision",
     "reward_model_name_or_path", "reward_model_checkpoint", "ddim",
@@ -151,11 +156,6 @@ def image_seed(seed: int, row: int, group: int) -> int:
     return int(np.random.SeedSequence([seed, row, group]).generate_state(1)[0])
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, C, H, W) float in [0, 1] -> (B, H, W, C) uint8, rounded as diffusers' numpy_to_pil."""
-    return (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def to_float(images_uint8: np.ndarray, device) -> torch.Tensor:
     """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [0, 1] on ``device``."""
     return torch.from_numpy(np.ascontiguousarray(images_uint8)).to(device).permute(0, 3, 1, 2).float() / 255.0
@@ -240,20 +240,29 @@ def read_row(dataset, row: int, args) -> dict:
     return item
 
 
+def depth_label(label_image: Image.Image, resolution: int) -> np.ndarray:
+    """The depth annotation (H, W) uint8 as the original's eval.py wrote it: the full-size map
+    min-max normalised to 0..255 in float64, truncated to uint8, resized nearest, read as grey."""
+    array = np.array(label_image).astype(np.float64)
+    span = array.max() - array.min()
+    # The original divided by the span unchecked (a flat map gave NaN); a flat map is 0 here.
+    normalised = (array - array.min()) / span * 255 if span > 0 else np.zeros_like(array)
+    image = Image.fromarray(normalised.astype("uint8")).resize((resolution, resolution), Image.NEAREST)
+    return np.asarray(image.convert("L"))
+
+
 def conditions_and_annotations(items: list[dict], annotator, args, device) -> tuple[np.ndarray, np.ndarray]:
     """ControlNet inputs (B, H, W, 3) uint8 and what the metric compares with (B, H, W) uint8."""
     if args.condition_column is None:
-        # canny / hed / lineart: the annotator's condition of the real image, which is also the
-        # annotation (hed/lineart: the input condition; canny: the real image's edges).
+        # canny / hed / lineart: the annotator's condition of the real image, stored as the original
+        # stored it, is both the ControlNet input and the annotation (canny: the real image's binary
+        # edges after hysteresis; hed, lineart: the input condition).
         real = to_float(np.stack([np.asarray(item["image"]) for item in items]), device)
-        conditions = to_uint8(annotator.extract_condition(real))
+        conditions = annotator.condition_uint8(real).permute(0, 2, 3, 1).cpu().numpy()
         return conditions, conditions[..., 0]
     conditions = np.stack([np.asarray(item["condition"]) for item in items])
     if args.task_name == "depth":
-        # The raw control_depth map (channel mean, as the reward's label): eval_depth.py normalises it.
-        label = np.stack([np.asarray(item["label"].convert("RGB").resize(conditions.shape[1:3][::-1], Image.BICUBIC))
-                          for item in items])
-        return conditions, label.astype(np.float32).mean(-1).round().astype(np.uint8)
+        return conditions, np.stack([depth_label(item["label"], args.resolution) for item in items])
     from reward_models.segmentation import label_image_to_index
 
     labels = []
@@ -290,7 +299,7 @@ def main(args=None):
     num_rows = len(dataset) if args.max_samples is None else min(args.max_samples, len(dataset))
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        check_or_write_config(output_dir, {**vars(args), "num_rows": num_rows})
+        check_or_write_config(output_dir, {**vars(args), "num_rows": num_rows, "condition_protocol": CONDITION_PROTOCOL})
         remove_stale_temporaries(output_dir)
     state.wait_for_everyone()
 
@@ -344,7 +353,7 @@ def main(args=None):
         # (B, H, W, 3) float in [0, 1] -> uint8, rounded as diffusers' numpy_to_pil; what is saved
         # is what gets scored.
         generated = (np.clip(generated, 0, 1) * 255).round().astype(np.uint8)
-        extracted = to_uint8(annotator.extract_condition(to_float(generated, state.device)))
+        extracted = annotator.extracted_uint8(to_float(generated, state.device)).permute(0, 2, 3, 1).cpu().numpy()
         # Edge and depth conditions are grey maps repeated x3: stored with one channel.
         stored = extracted if args.task_name == "segmentation" else extracted[..., 0]
         generated = generated.reshape(len(items), args.num_groups, *generated.shape[1:])

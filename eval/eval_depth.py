@@ -2,19 +2,20 @@
 
 The evaluation depth model (DPT-Large, ``Intel/dpt-large``, as in the paper; a different model
 from the DPT-Hybrid reward so the score is not the training objective) predicts the depth of
-every generated image; the prediction is compared with the input depth map
-(``annotations/<idx>.png``, the control_depth column at the generation resolution).
+every generated image from transformers' ``DPTImageProcessor`` inputs (the original's call); the
+prediction is compared with the input depth map (``annotations/<idx>.png``, written by eval.py as
+the original wrote it: control_depth min-max normalised at full size, truncated, resized nearest).
+Two scorings, both written to ``results.json``:
+
+- ``depth_paper`` (the paper protocol, the original's computation, defect 4 included): the
+  prediction divided by its max at the model's resolution, truncated to uint8 (``to_pil_image``),
+  resized bilinearly by PIL to the image size; RMSE per image against the annotation, averaged.
+  The label is min-max normalised but the prediction only max-normalised, so a prediction whose
+  minimum is not 0 is compared on a shifted scale.
+- ``depth`` (corrected): both maps are relative depth, defined up to scale and shift, so both
+  are min-max normalised (prediction upsampled in float), then RMSE x 255.
 
     python eval/eval_depth.py --root_dir work_dirs/eval/depth/controlnet [--eval_model_name_or_path DIR]
-
-Both maps are relative (MiDaS-style inverse depth, defined up to scale and shift), so each is
-normalised per image before the comparison:
-- default: both min-max normalised to [0, 1], then x255, in float;
-- --reference_scoring (the original release's eval, defect 4): the label min-max normalised but
-  the prediction only divided by its max, both truncated to uint8 as its PNGs were. A
-  prediction whose minimum is not 0 is then compared on a shifted scale.
-RMSE per image, averaged over all images (and per group). Results go to ``results.json`` under
-"depth" (or "depth_reference").
 """
 import sys
 from pathlib import Path
@@ -38,27 +39,56 @@ def parse_args(args=None):
     parser.add_argument("--eval_model_name_or_path", default=DEFAULT_EVAL_MODEL,
                         help="DPT depth model (hub id or local save_pretrained folder)")
     parser.add_argument("--reference_scoring", action="store_true",
-                        help="normalise as the original release did (label min-max, prediction max only, uint8)")
+                        help="accepted for older command lines: both scorings are always computed")
     parser.add_argument("--batch_size", type=int, default=8, help="rows (prompts) per batch")
     parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers reading PNGs (default: up to 4)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     return parser.parse_args(args)
 
 
-def depth_rmse(prediction: torch.Tensor, label: torch.Tensor, reference: bool) -> torch.Tensor:
-    """RMSE per image on the 0..255 scale.
+def dpt_processor(name_or_path: str):
+    """transformers' DPTImageProcessor of the evaluation model (the original used DPT-Large's);
+    a local folder without ``preprocessor_config.json`` gets the class defaults, which are DPT-Large's
+    (384 x 384, bicubic, mean = std = 0.5)."""
+    from transformers import DPTImageProcessor
 
-    prediction: (N, H, W) depth divided by its per-image max (the depth model's ``forward``);
-    label: (N, H, W) raw input depth map in [0, 1].
+    folder = Path(str(name_or_path)).expanduser()
+    if folder.is_dir():
+        if (folder / "preprocessor_config.json").is_file():
+            return DPTImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        return DPTImageProcessor()
+    return DPTImageProcessor.from_pretrained(str(name_or_path))
+
+
+def paper_depth_maps(predicted: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(N, h, w) predicted depth -> (N, R, R) uint8 maps as the original's eval.py wrote them:
+    ``to_pil_image(x / x.max())`` (truncation), then PIL's bilinear resize, read back as grey."""
+    import numpy as np
+    from PIL import Image
+
+    maps = []
+    for depth in predicted.float().cpu():
+        levels = (depth / depth.max()).mul(255).byte().numpy()
+        image = Image.fromarray(levels, mode="L").convert("RGB").resize((resolution, resolution), Image.BILINEAR)
+        maps.append(torch.from_numpy(np.asarray(image.convert("L")).copy()))
+    return torch.stack(maps)
+
+
+def depth_rmse(prediction: torch.Tensor, label: torch.Tensor, paper: bool) -> torch.Tensor:
+    """RMSE per image on the 0..255 scale of (N, H, W) maps.
+
+    paper: prediction and label are the stored uint8 maps, compared as they are. Corrected:
+    prediction is the raw depth upsampled in float, label the annotation; both min-max normalised.
     """
-    label255 = metrics.min_max_normalize(label) * 255
-    if reference:
-        return metrics.rmse(torch.floor(prediction.double() * 255), torch.floor(label255))
-    return metrics.rmse(metrics.min_max_normalize(prediction) * 255, label255)
+    if paper:
+        return metrics.rmse(prediction.double(), label.double())
+    return metrics.rmse(metrics.min_max_normalize(prediction) * 255, metrics.min_max_normalize(label.double()) * 255)
 
 
 def main(args=None):
     args = parse_args(args)
+    import numpy as np
+    from PIL import Image
     from tqdm.auto import tqdm
 
     config = load_config(args.root_dir)
@@ -67,32 +97,45 @@ def main(args=None):
     num_groups = int(config["num_groups"])
     rows = require_complete(args.root_dir, config)
     device = resolve_device(args.device)
-    depth_model = reward_model("depth", args.eval_model_name_or_path, device)
+    # fp32 as the original (its DPT-Large ran in float32).
+    dpt = reward_model("depth", args.eval_model_name_or_path, device).dpt
+    processor = dpt_processor(args.eval_model_name_or_path)
     loader = row_loader(RowDataset(args.root_dir, rows, num_groups, generated=True), args.batch_size, args.num_workers)
-    rmse = metrics.GroupedMean(num_groups)
+    corrected, paper = metrics.GroupedMean(num_groups), metrics.GroupedMean(num_groups)
     for batch in tqdm(loader, desc="depth RMSE"):
-        generated = batch["generated"].to(device)  # (B, G, 3, H, W) uint8
+        generated = batch["generated"]  # (B, G, 3, H, W) uint8
         b, g, _, h, w = generated.shape
-        with torch.no_grad():
-            prediction = depth_model(generated.view(b * g, 3, h, w).float() / 255.0)[:, 0]
-        label = (batch["annotation"].to(device).float() / 255.0)[:, None].expand(b, g, h, w).reshape(b * g, h, w)
-        rmse.update(depth_rmse(prediction, label, args.reference_scoring), torch.arange(g).repeat(b))
+        # One forward per prompt on its G images, as the original's eval.py batched them: the model's
+        # float rounding depends on the batch, and the paper protocol truncates to uint8 afterwards.
+        predictions = []
+        for row_images in generated:
+            images = [Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy())) for x in row_images]
+            inputs = processor(images=images, return_tensors="pt")
+            with torch.no_grad():
+                predictions.append(dpt(pixel_values=inputs["pixel_values"].to(device, torch.float32)).predicted_depth)
+        predicted = torch.cat(predictions)
+        label = batch["annotation"][:, None].expand(b, g, h, w).reshape(b * g, h, w)
+        groups = torch.arange(g).repeat(b)
+        paper.update(depth_rmse(paper_depth_maps(predicted, h), label, paper=True), groups)
+        upsampled = torch.nn.functional.interpolate(predicted[:, None].float(), size=(h, w), mode="bilinear",
+                                                    align_corners=False)[:, 0]
+        corrected.update(depth_rmse(upsampled.cpu(), label.float() / 255.0, paper=False), groups)
 
-    results = {
-        "task": "depth",
-        "benchmark": benchmark_name(config),
-        "scoring": "reference" if args.reference_scoring else "default",
-        "metrics": {"rmse": rmse.mean()},
-        "per_group": {"rmse": rmse.per_group()},
-        "num_rows": len(rows),
-        "num_images": len(rows) * num_groups,
-        "settings": {"eval_model": args.eval_model_name_or_path,
-                     "normalisation": "label min-max, prediction max (uint8)" if args.reference_scoring
-                     else "label and prediction min-max (float)"},
-    }
-    path = write_results(args.root_dir, "depth_reference" if args.reference_scoring else "depth", results)
-    print(f"depth RMSE {results['metrics']['rmse']:.4f} ({len(rows)} rows) -> {path}")
-    return results
+    common = {"task": "depth", "benchmark": benchmark_name(config), "num_rows": len(rows),
+              "num_images": len(rows) * num_groups}
+    results = {**common, "scoring": "corrected", "metrics": {"rmse": corrected.mean()},
+               "per_group": {"rmse": corrected.per_group()},
+               "settings": {"eval_model": args.eval_model_name_or_path,
+                            "normalisation": "prediction (upsampled in float) and label both min-max"}}
+    paper_results = {**common, "scoring": "paper", "metrics": {"rmse": paper.mean()},
+                     "per_group": {"rmse": paper.per_group()},
+                     "settings": {"eval_model": args.eval_model_name_or_path,
+                                  "normalisation": "prediction / max at the model's resolution, truncated, PIL "
+                                                   "bilinear resize; label min-max at full size, truncated, nearest"}}
+    write_results(args.root_dir, "depth", results)
+    path = write_results(args.root_dir, "depth_paper", paper_results)
+    print(f"depth RMSE: paper protocol {paper.mean():.4f}, corrected {corrected.mean():.4f} ({len(rows)} rows) -> {path}")
+    return {"corrected": results, "paper": paper_results}
 
 
 if __name__ == "__main__":

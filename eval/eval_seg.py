@@ -10,11 +10,19 @@ is not the training objective):
     python eval/eval_seg.py --root_dir work_dirs/eval/ade20k/controlnet \
         [--eval_model_name_or_path CONFIG_OR_FOLDER --eval_model_checkpoint FILE]
 
-The reported ``miou`` pools the areas of every image of every group, which is what the
-original's ``mim test mmseg`` over the 4 groups' folders (one ConcatDataset) computed;
-``per_group`` has the mIoU of each group. --reference_scoring changes nothing here (the
-protocol had no defect) and is accepted so that every metric script takes the same flags.
-Results go to ``results.json`` under "segmentation".
+Segmentations come from mmseg's own test path (``SegmentationRewardModel.predict_mmseg``: the
+config's test pipeline, data preprocessor and ``test_step``), as the original's ``mim test mmseg``.
+The reported ``miou`` pools the areas of every image of every group, which is what that test over
+the 4 groups' folders (one ConcatDataset) computed; ``per_group`` has the mIoU of each group.
+Two scorings, both written to ``results.json``:
+
+- ``segmentation_paper`` (the paper protocol): the original's test dataloaders resized every image
+  with a keep-ratio scale of (2048, 512) for both segmenters (its Mask2Former config's own
+  ``test_pipeline`` variable, 2560 x 640, was not the one its dataloader used), so 512 px images
+  are segmented at 512 px.
+- ``segmentation`` (corrected): each segmenter at its config's own test scale (Mask2Former-640
+  sees 512 px images upsampled to 640, as it was trained and tested by mmseg).
+When both scales give the same input size, the segmenter runs once.
 """
 import sys
 from pathlib import Path
@@ -27,8 +35,11 @@ import torch
 
 from eval.common import (RowDataset, benchmark_name, load_config, require_complete, resolve_device, reward_model,
                          row_loader, write_results)
+from reward_models.segmentation import keep_ratio_size
 from utils import metrics
 
+# The keep-ratio Resize scale of the original's test dataloaders (mmlab/mmseg/*.py of the release).
+PAPER_TEST_SCALE = (2048, 512)
 EVAL_SEGMENTERS = {
     "ade20k": "mmseg::mask2former/mask2former_swin-l-in22k-384x384-pre_8xb2-160k_ade20k-640x640.py",
     "cocostuff": "mmseg::deeplabv3/deeplabv3_r101-d8_4xb4-320k_coco-stuff164k-512x512.py",
@@ -43,7 +54,8 @@ def parse_args(args=None):
                              f"default: the paper's segmenter for the dataset {EVAL_SEGMENTERS}")
     parser.add_argument("--eval_model_checkpoint", default=None,
                         help="checkpoint path or URL (default: the model zoo's, for mmseg:: configs)")
-    parser.add_argument("--reference_scoring", action="store_true", help="accepted; segmentation scoring is the same")
+    parser.add_argument("--reference_scoring", action="store_true",
+                        help="accepted for older command lines: both scorings are always computed")
     parser.add_argument("--batch_size", type=int, default=8, help="rows (prompts) per batch")
     parser.add_argument("--num_workers", type=int, default=None, help="DataLoader workers reading PNGs (default: up to 4)")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -66,29 +78,36 @@ def main(args=None):
     device = resolve_device(args.device)
     segmenter = reward_model("segmentation", model_name, device, checkpoint=args.eval_model_checkpoint,
                              label_format=config["label_format"])
-    areas = metrics.SegmentationAreas(segmenter.num_classes, num_groups)
+    corrected = metrics.SegmentationAreas(segmenter.num_classes, num_groups)
+    paper = metrics.SegmentationAreas(segmenter.num_classes, num_groups)
     loader = row_loader(RowDataset(args.root_dir, rows, num_groups, generated=True), args.batch_size, args.num_workers)
     for batch in tqdm(loader, desc="segmentation"):
-        generated = batch["generated"].to(device)  # (B, G, 3, H, W) uint8
+        generated = batch["generated"]  # (B, G, 3, H, W) uint8
         b, g, _, h, w = generated.shape
-        prediction = segmenter.predict(generated.view(b * g, 3, h, w).float() / 255.0)
-        label = batch["annotation"].to(device).long()[:, None].expand(b, g, h, w).reshape(b * g, h, w)
-        areas.update(prediction, label, torch.arange(g).repeat(b))
+        images = generated.view(b * g, 3, h, w).permute(0, 2, 3, 1).numpy()
+        label = batch["annotation"].long()[:, None].expand(b, g, h, w).reshape(b * g, h, w)
+        groups = torch.arange(g).repeat(b)
+        paper_prediction = segmenter.predict_mmseg(images, test_scale=PAPER_TEST_SCALE)
+        paper.update(paper_prediction, label, groups)
+        same_input = segmenter.test_resize_scale is not None and \
+            keep_ratio_size(h, w, segmenter.test_resize_scale) == keep_ratio_size(h, w, PAPER_TEST_SCALE)
+        corrected.update(paper_prediction if same_input else segmenter.predict_mmseg(images), label, groups)
 
-    results = {
-        "task": "segmentation",
-        "benchmark": benchmark,
-        "scoring": "reference" if args.reference_scoring else "default",
-        "metrics": {"miou": areas.miou()},
-        "per_group": {"miou": areas.per_group()},
-        "num_rows": len(rows),
-        "num_images": len(rows) * num_groups,
-        "settings": {"eval_model": model_name, "eval_model_checkpoint": args.eval_model_checkpoint,
-                     "num_classes": segmenter.num_classes, "miou": "percent, areas pooled over all groups"},
-    }
-    path = write_results(args.root_dir, "segmentation", results)
-    print(f"{benchmark} mIoU {results['metrics']['miou']:.2f} ({len(rows)} rows) -> {path}")
-    return results
+    common = {"task": "segmentation", "benchmark": benchmark, "num_rows": len(rows),
+              "num_images": len(rows) * num_groups}
+    settings = {"eval_model": model_name, "eval_model_checkpoint": args.eval_model_checkpoint,
+                "num_classes": segmenter.num_classes, "miou": "percent, areas pooled over all groups"}
+    results = {**common, "scoring": "corrected", "metrics": {"miou": corrected.miou()},
+               "per_group": {"miou": corrected.per_group()},
+               "settings": {**settings, "test_scale": segmenter.test_resize_scale}}
+    paper_results = {**common, "scoring": "paper", "metrics": {"miou": paper.miou()},
+                     "per_group": {"miou": paper.per_group()},
+                     "settings": {**settings, "test_scale": PAPER_TEST_SCALE}}
+    write_results(args.root_dir, "segmentation", results)
+    path = write_results(args.root_dir, "segmentation_paper", paper_results)
+    print(f"{benchmark} mIoU: paper protocol {paper.miou():.2f}, corrected {corrected.miou():.2f} "
+          f"({len(rows)} rows) -> {path}")
+    return {"corrected": results, "paper": paper_results}
 
 
 if __name__ == "__main__":

@@ -7,10 +7,10 @@ Each ``--run NAME=DIR`` is searched recursively for evaluation folders (``eval_c
 ``results.json``, written by eval/eval.py and the metric scripts); the task of each folder is
 read from its results. Writes ``<output>.json`` and ``<output>.md`` and prints the Markdown:
 one row per metric of the paper (controllability, FID per task, CLIP-score per task), the
-paper's numbers for ControlNet v1.1 and ControlNet++ beside one column per run.
-
---reference_scoring reads the results of the metric scripts' --reference_scoring runs where
-they exist (the original release's scoring, the one the paper's numbers come from).
+paper's numbers for ControlNet v1.1 and ControlNet++, then for every run its **paper protocol**
+score (the original release's computation, what the paper's numbers are comparable with) and
+its **corrected** score (the original's defects fixed; see docs/FIDELITY.md). FID and
+CLIP-score have one computation, shown in both groups.
 """
 import sys
 from pathlib import Path
@@ -43,7 +43,9 @@ ROWS = [
      for name, benchmark in (("ADE20K", "ade20k"), ("COCO-Stuff", "cocostuff"), ("Canny", "canny"),
                              ("HED", "hed"), ("LineArt", "lineart"), ("Depth", "depth"))]
 PAPER_V1 = {"ADE20K mIoU ↑": (27.46, 35.36), "COCO-Stuff mIoU ↑": (22.58, 33.17)}
-REFERENCE_ENTRIES = {"edge": "edge_reference", "depth": "depth_reference"}
+# The paper-protocol entry of each metric script's results (the corrected one has the plain name).
+PAPER_ENTRIES = {"edge": "edge_paper", "depth": "depth_paper", "segmentation": "segmentation_paper"}
+SCORINGS = ("paper", "corrected")
 
 
 def parse_args(args=None):
@@ -52,7 +54,7 @@ def parse_args(args=None):
                         help="a named run: DIR holds one evaluation folder per task (repeat for several runs)")
     parser.add_argument("--output", default=None, help="write <output>.json and <output>.md (default: print only)")
     parser.add_argument("--reference_scoring", action="store_true",
-                        help="use the metric scripts' --reference_scoring results where present")
+                        help="accepted for older command lines: both scorings are always shown")
     args = parser.parse_args(args)
     runs = {}
     for spec in args.run:
@@ -85,25 +87,26 @@ def collect(folder: Path) -> dict[str, dict]:
     return found
 
 
-def value_of(results: dict | None, entry: str, key: str, reference: bool) -> float | None:
+def value_of(results: dict | None, entry: str, key: str, scoring: str) -> float | None:
     if results is None:
         return None
-    if reference and REFERENCE_ENTRIES.get(entry) in results:
-        entry = REFERENCE_ENTRIES[entry]
+    if scoring == "paper" and entry in PAPER_ENTRIES:
+        entry = PAPER_ENTRIES[entry]
     value = results.get(entry, {}).get("metrics", {}).get(key)
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def summarize(runs: dict[str, Path], reference: bool = False) -> dict:
+def summarize(runs: dict[str, Path]) -> dict:
     collected = {name: collect(folder) for name, folder in runs.items()}
     rows = []
     for label, benchmark, entry, key, paper_base, paper_ours in ROWS:
         row = {"metric": label, "benchmark": benchmark, "paper": {"ControlNet v1.1": paper_base, "ControlNet++": paper_ours},
-               "runs": {name: value_of(found.get(benchmark), entry, key, reference) for name, found in collected.items()}}
+               "runs": {scoring: {name: value_of(found.get(benchmark), entry, key, scoring)
+                                  for name, found in collected.items()} for scoring in SCORINGS}}
         if label in PAPER_V1:
             row["paper_v1"] = dict(zip(("ControlNet v1.1", "ControlNet++"), PAPER_V1[label]))
         rows.append(row)
-    return {"scoring": "reference" if reference else "default", "runs": {k: str(v) for k, v in runs.items()}, "rows": rows}
+    return {"scorings": list(SCORINGS), "runs": {k: str(v) for k, v in runs.items()}, "rows": rows}
 
 
 def fmt(value: float | None, label: str) -> str:
@@ -114,22 +117,27 @@ def fmt(value: float | None, label: str) -> str:
 
 def to_markdown(summary: dict) -> str:
     names = list(summary["runs"])
-    header = ["Metric", "Paper ControlNet v1.1", "Paper ControlNet++", *names]
+    header = ["Metric", "Paper ControlNet v1.1", "Paper ControlNet++",
+              *(f"{n} (paper protocol)" for n in names), *(f"{n} (corrected)" for n in names)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary["rows"]:
         paper = [fmt(row["paper"][k], row["metric"]) for k in ("ControlNet v1.1", "ControlNet++")]
         if "paper_v1" in row:  # the arXiv v1 segmentation numbers, in brackets as in REFERENCE.md
             paper = [f"{p} ({fmt(row['paper_v1'][k], row['metric'])})" for p, k in zip(paper, ("ControlNet v1.1", "ControlNet++"))]
-        lines.append("| " + " | ".join([row["metric"], *paper, *(fmt(row["runs"][n], row["metric"]) for n in names)]) + " |")
+        ours = [fmt(row["runs"][scoring][n], row["metric"]) for scoring in SCORINGS for n in names]
+        lines.append("| " + " | ".join([row["metric"], *paper, *ours]) + " |")
     lines.append("")
-    lines.append(f"Scoring: {summary['scoring']}. Brackets: the paper's v1 segmentation numbers. "
-                 "F1 and mIoU in percent, SSIM = multi-scale SSIM, RMSE on the 0..255 scale.")
+    lines.append("Paper protocol: the original release's computation on the same images (compare these with the "
+                 "paper's columns). Corrected: its defects fixed (docs/FIDELITY.md). FID and CLIP-score are computed "
+                 "once (FID on the generated images only; the original's folders also held the extracted maps, which "
+                 "its clean-fid call counted). Brackets: the paper's v1 segmentation numbers. F1 and mIoU in percent, "
+                 "SSIM = multi-scale SSIM, RMSE on the 0..255 scale.")
     return "\n".join(lines) + "\n"
 
 
 def main(args=None):
     args = parse_args(args)
-    summary = summarize(args.runs, args.reference_scoring)
+    summary = summarize(args.runs)
     markdown = to_markdown(summary)
     print(markdown)
     if args.output:

@@ -30,6 +30,7 @@ import argparse
 import os
 
 from inference.common import (
+    DEFAULT_CANNY_HIGH_THRESHOLD,
     DEFAULT_CANNY_LOW_THRESHOLD,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE_PROMPT,
@@ -120,29 +121,30 @@ class Demo:
         self.models = models
         self.default_resolution = default_resolution
 
-    def condition(self, task: str, image, resolution: float, canny_low: float = DEFAULT_CANNY_LOW_THRESHOLD):
+    def condition(self, task: str, image, resolution: float, canny_low: float = DEFAULT_CANNY_LOW_THRESHOLD,
+                  canny_high: float = DEFAULT_CANNY_HIGH_THRESHOLD):
         """The ControlNet input for an uploaded image (None while no image is uploaded)."""
         if image is None:
             return None
         image = resize_image(image.convert("RGB"), generation_size(*image.size, int(resolution)))
         with self.models.lock:
-            return extract_condition(self.models.annotator(task, canny_low), image)
+            return extract_condition(self.models.annotator(task, canny_low, canny_high), image)
 
     def generate(self, task: str, image, prompt: str, negative_prompt: str, num_images: float, resolution: float,
                  steps: float, guidance_scale: float, controlnet_conditioning_scale: float, seed: float,
-                 canny_low: float = DEFAULT_CANNY_LOW_THRESHOLD):
+                 canny_low: float = DEFAULT_CANNY_LOW_THRESHOLD, canny_high: float = DEFAULT_CANNY_HIGH_THRESHOLD):
         """(condition, generated images, conditions extracted from the generated images)."""
         if image is None:
             raise InferenceError("upload an image first.")
         if seed is None or num_images is None or steps is None:
             raise InferenceError("fill in the seed, the number of images and the steps.")
-        condition = self.condition(task, image, resolution, canny_low)
+        condition = self.condition(task, image, resolution, canny_low, canny_high)
         with self.models.lock:
             images = generate_images(
                 self.models.pipeline(task), condition, prompt or "", negative_prompt=negative_prompt,
                 num_images=int(num_images), steps=int(steps), guidance_scale=float(guidance_scale),
                 controlnet_conditioning_scale=float(controlnet_conditioning_scale), seed=int(seed))
-            annotator = self.models.annotator(task, canny_low)
+            annotator = self.models.annotator(task, canny_low, canny_high)
             cycle = [extract_condition(annotator, generated) for generated in images]
         return condition, images, cycle
 
@@ -192,9 +194,11 @@ def task_tab(demo: Demo, task: str) -> None:
                                                    elem_id=f"{task}-controlnet-scale")
                 thresholds = []  # the canny tab's extra input, passed after the common ones
                 if task == "canny":
-                    thresholds = [gr.Slider(0.0, 1.0, value=DEFAULT_CANNY_LOW_THRESHOLD, step=0.01,
-                                            label="Canny threshold (edges: gradient magnitude above it)",
-                                            elem_id="canny-threshold")]
+                    # The original demo's two sliders (hysteresis: low <= high).
+                    thresholds = [gr.Slider(0.01, 0.99, value=DEFAULT_CANNY_LOW_THRESHOLD, step=0.01,
+                                            label="Canny low threshold", elem_id="canny-threshold"),
+                                  gr.Slider(0.01, 0.99, value=DEFAULT_CANNY_HIGH_THRESHOLD, step=0.01,
+                                            label="Canny high threshold", elem_id="canny-high-threshold")]
                 negative_prompt = gr.Textbox(DEFAULT_NEGATIVE_PROMPT, label="Negative prompt")
         with gr.Column():
             condition = gr.Image(label="Condition (extracted from the input)", type="pil", format="png",

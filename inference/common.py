@@ -2,7 +2,8 @@
 
 One generation is: read an image, resize it so its shorter side is `resolution` (aspect ratio
 kept, both sides multiples of 8), extract the task's condition with its annotator (the reward
-model of training, `reward_models.RewardModel.extract_condition`), and run Stable Diffusion 1.5
+model of training, as the original's evaluation and demo computed it: `RewardModel.annotate`; canny
+is kornia's Canny with hysteresis, a binary map), and run Stable Diffusion 1.5
 + ControlNet with UniPC, as in the paper's evaluation protocol. A ready-made condition image
 skips the annotator.
 
@@ -49,10 +50,10 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE_SCALE = 7.5
 DEFAULT_SEED = 42
 DEFAULT_RESOLUTION = 512
-# The original release's Canny low threshold (kornia's scale: gradient magnitude of [0, 1]
-# images). Its high threshold (0.2) only matters with hysteresis, which the release does not
-# use, so it cannot change the condition and is not a flag here.
+# The original demo's and evaluation's Canny thresholds (kornia's scale: gradient magnitude of
+# [0, 1] images), with hysteresis: the binary edges lllyasviel's canny ControlNet was trained on.
 DEFAULT_CANNY_LOW_THRESHOLD = 0.1
+DEFAULT_CANNY_HIGH_THRESHOLD = 0.2
 # The toy world's models are built for 64 px images (8x8 latents).
 TOY_RESOLUTION = 64
 
@@ -362,28 +363,29 @@ def toy_annotator_paths(reward_model_paths: dict) -> dict:
 
 
 class CannyAnnotator:
-    """The canny condition with a chosen low threshold.
+    """Canny edges with chosen thresholds, as the original's demo and evaluation computed them:
+    ``kornia.filters.canny(image, low, high)`` with hysteresis, a binary map repeated to 3 channels
+    (`reward_models.canny.CannyRewardModel.annotate` with other thresholds)."""
 
-    The same computation as `reward_models.canny.CannyRewardModel.extract_condition`, which fixes
-    the threshold at the original release's 0.1: kornia's non-maximum-suppressed gradient
-    magnitude, 0 at or below the threshold, clamped to [0, 1], repeated to 3 channels.
-    """
-
-    def __init__(self, low_threshold: float = DEFAULT_CANNY_LOW_THRESHOLD, device: torch.device | str = "cpu"):
-        self.low_threshold = low_threshold
+    def __init__(self, low_threshold: float = DEFAULT_CANNY_LOW_THRESHOLD,
+                 high_threshold: float = DEFAULT_CANNY_HIGH_THRESHOLD, device: torch.device | str = "cpu"):
+        if not 0 < low_threshold <= high_threshold < 1:
+            raise InferenceError(f"the canny thresholds must satisfy 0 < low <= high < 1, got low {low_threshold} "
+                                 f"and high {high_threshold} (--canny_low_threshold / --canny_high_threshold).")
+        self.low_threshold, self.high_threshold = low_threshold, high_threshold
         self.device = torch.device(device)
 
     @torch.no_grad()
-    def extract_condition(self, images: torch.Tensor) -> torch.Tensor:
-        from reward_models.canny import canny_magnitude
+    def annotate(self, images: torch.Tensor) -> torch.Tensor:
+        from reward_models.canny import binary_canny
 
-        edges = torch.nn.functional.threshold(canny_magnitude(images), self.low_threshold, 0.0)
-        return edges.clamp(0, 1).repeat(1, 3, 1, 1)
+        return binary_canny(images, self.low_threshold, self.high_threshold).repeat(1, 3, 1, 1)
 
 
 def build_annotator(task: str, name_or_path: str | None = None, device: torch.device | str = "cpu",
-                    canny_low_threshold: float = DEFAULT_CANNY_LOW_THRESHOLD, checkpoint: str | None = None):
-    """The reward model of `task`, used for its `extract_condition`, in float32.
+                    canny_low_threshold: float = DEFAULT_CANNY_LOW_THRESHOLD, checkpoint: str | None = None,
+                    canny_high_threshold: float = DEFAULT_CANNY_HIGH_THRESHOLD):
+    """The reward model of `task`, used for its `annotate`, in float32.
 
     float32 whatever the generation dtype: the annotators are small next to SD1.5, and edge
     detectors lose edges in half precision. `checkpoint`: segmentation only, the weights of an
@@ -392,7 +394,7 @@ def build_annotator(task: str, name_or_path: str | None = None, device: torch.de
     from reward_models import DEFAULT_REWARD_MODEL_PATHS, build_reward_model
 
     if task == "canny":
-        return CannyAnnotator(canny_low_threshold, device)
+        return CannyAnnotator(canny_low_threshold, canny_high_threshold, device)
     source = name_or_path if name_or_path is not None else DEFAULT_REWARD_MODEL_PATHS[task]
     try:
         return build_reward_model(task, name_or_path, checkpoint=checkpoint if task == "segmentation" else None,
@@ -408,7 +410,7 @@ def build_annotator(task: str, name_or_path: str | None = None, device: torch.de
 @torch.no_grad()
 def extract_condition(annotator, image: Image.Image) -> Image.Image:
     """The ControlNet input for `image` (already at the generation size), as an RGB image."""
-    condition = annotator.extract_condition(pil_to_tensor(image).to(annotator.device))
+    condition = annotator.annotate(pil_to_tensor(image).to(annotator.device))
     return tensor_to_pil(condition)
 
 
@@ -493,12 +495,14 @@ class ModelCache:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def annotator(self, task: str, canny_low_threshold: float = DEFAULT_CANNY_LOW_THRESHOLD):
-        key = (task, canny_low_threshold) if task == "canny" else (task,)
+    def annotator(self, task: str, canny_low_threshold: float = DEFAULT_CANNY_LOW_THRESHOLD,
+                  canny_high_threshold: float = DEFAULT_CANNY_HIGH_THRESHOLD):
+        key = (task, canny_low_threshold, canny_high_threshold) if task == "canny" else (task,)
         if key not in self._annotators:
             self._annotators[key] = build_annotator(
                 task, self.annotator_paths.get(task), device=self.device,
-                canny_low_threshold=canny_low_threshold, checkpoint=self.annotator_checkpoint)
+                canny_low_threshold=canny_low_threshold, checkpoint=self.annotator_checkpoint,
+                canny_high_threshold=canny_high_threshold)
         return self._annotators[key]
 
 

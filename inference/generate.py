@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from inference.common import (
+    DEFAULT_CANNY_HIGH_THRESHOLD,
     DEFAULT_CANNY_LOW_THRESHOLD,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE_PROMPT,
@@ -121,8 +122,11 @@ def parse_args(args=None) -> argparse.Namespace:
                           help=f"shorter side in pixels, aspect ratio kept, multiples of 8 "
                                f"(default: {DEFAULT_RESOLUTION}; {TOY_RESOLUTION} with --toy)")
     sampling.add_argument("--canny_low_threshold", type=float, default=DEFAULT_CANNY_LOW_THRESHOLD,
-                          help="canny only: gradient magnitudes at or below it are not edges (the original "
-                               "release's high threshold, 0.2, needs hysteresis, which it does not use)")
+                          help="canny only: hysteresis low threshold (kornia's gradient-magnitude scale; the "
+                               "original demo's 0.1): weaker pixels are never edges")
+    sampling.add_argument("--canny_high_threshold", type=float, default=DEFAULT_CANNY_HIGH_THRESHOLD,
+                          help="canny only: hysteresis high threshold (the original demo's 0.2): stronger pixels are "
+                               "edges, pixels between the thresholds only when connected to one")
 
     args = parser.parse_args(args)
 
@@ -144,8 +148,9 @@ def parse_args(args=None) -> argparse.Namespace:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}.")
     if args.resolution is not None and args.resolution < 8:
         parser.error(f"--resolution must be at least 8 pixels, got {args.resolution}.")
-    if args.canny_low_threshold < 0:
-        parser.error(f"--canny_low_threshold must be >= 0, got {args.canny_low_threshold}.")
+    if not 0 < args.canny_low_threshold <= args.canny_high_threshold < 1:
+        parser.error(f"--canny_low_threshold ({args.canny_low_threshold}) and --canny_high_threshold "
+                     f"({args.canny_high_threshold}) must satisfy 0 < low <= high < 1.")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}.")
     return args
@@ -270,7 +275,7 @@ def generate_row(row: Row, models: ModelCache, args, task: str | None) -> tuple[
     if row.image is not None:
         image = load_image(row.image, row.where)
         image = resize_image(image, generation_size(*image.size, args.resolution))
-        annotator = models.annotator(task, args.canny_low_threshold)
+        annotator = models.annotator(task, args.canny_low_threshold, args.canny_high_threshold)
         condition = extract_condition(annotator, image)
     else:
         image = None
@@ -332,6 +337,7 @@ def main(args=None) -> dict:
     }
     if task == "canny":
         settings["canny_low_threshold"] = args.canny_low_threshold
+        settings["canny_high_threshold"] = args.canny_high_threshold
     save_json({**settings, "device": str(device)}, output_dir / "generate_config.json")
 
     counts = {"generated": 0, "skipped": 0}

@@ -95,3 +95,11 @@ class HEDRewardModel(RewardModel):
     @torch.no_grad()
     def extract_condition(self, images: torch.Tensor) -> torch.Tensor:
         return self(images).float().repeat(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def condition_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """The map as the original's evaluation stored it: its detector returned
+        ``uint8(clip(p * 255)) / 255`` and ``to_pil_image`` wrote ``(that * 255).byte()``; both
+        truncate, and the second can lose one more level (k / 255 * 255 may round below k)."""
+        levels = (self(images).float() * 255.0).clip(0, 255).to(torch.uint8)
+        return ((levels / 255.0) * 255).to(torch.uint8).repeat(1, 3, 1, 1)

@@ -90,3 +90,17 @@ class LineArtRewardModel(RewardModel):
     @torch.no_grad()
     def extract_condition(self, images: torch.Tensor) -> torch.Tensor:
         return (1 - self(images).float()).repeat(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def condition_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """Input condition / label as the original's evaluation stored it: ``1 - drawing`` in float,
+        then ``to_pil_image``'s truncation ``(x * 255).byte()``."""
+        return ((1 - self(images).float()) * 255).to(torch.uint8).repeat(1, 3, 1, 1)
+
+    @torch.no_grad()
+    def extracted_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """A generated image's map in the ControlNet format, ``255 - (drawing * 255).byte()``: the
+        original stored the *un-inverted* drawing truncated, ``(drawing * 255).byte()``; storing its
+        exact uint8 complement keeps that file recoverable bit for bit (255 - stored), which the
+        paper protocol's scoring needs (it inverts it with the uint8 wrap-around, defect 2)."""
+        return (255 - (self(images).float() * 255).to(torch.uint8)).repeat(1, 3, 1, 1)

@@ -139,7 +139,7 @@ def _test_resize_scale(cfg) -> tuple[int, int] | None:
     return None
 
 
-def _keep_ratio_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
+def keep_ratio_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
     """mmcv's ``rescale_size``: fit the long/short edges into max(scale)/min(scale)."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return int(height * factor + 0.5), int(width * factor + 0.5)
@@ -162,6 +162,7 @@ class SegmentationRewardModel(RewardModel):
         self.register_buffer("mean", torch.tensor(preprocessor.get("mean", IMAGENET_MEAN)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(preprocessor.get("std", IMAGENET_STD)).view(1, 3, 1, 1), persistent=False)
         self.test_resize_scale = _test_resize_scale(cfg)
+        self.test_pipeline = [dict(step) for step in (cfg.get("test_pipeline") or [])]
         # Mask2Former / MaskFormer heads predict (class, mask) pairs per query, not per-pixel logits.
         self.is_mask_classification = hasattr(segmentor.decode_head, "num_queries")
 
@@ -237,7 +238,7 @@ class SegmentationRewardModel(RewardModel):
         height, width = images.shape[-2:]
         x = images
         if self.test_resize_scale is not None:
-            size = _keep_ratio_size(height, width, self.test_resize_scale)
+            size = keep_ratio_size(height, width, self.test_resize_scale)
             if size != (height, width):
                 x = F.interpolate(images.float(), size=size, mode="bilinear", align_corners=False)
         x = self._normalize(x)
@@ -245,6 +246,45 @@ class SegmentationRewardModel(RewardModel):
         logits = self.segmentor.encode_decode(x, metas)
         logits = F.interpolate(logits.float(), size=(height, width), mode="bilinear", align_corners=False)
         return logits.argmax(dim=1)
+
+    @torch.no_grad()
+    def predict_mmseg(self, images_uint8: np.ndarray, test_scale: tuple[int, int] | None = None) -> torch.Tensor:
+        """(B, H, W) int64 class maps of RGB uint8 images (B, H, W, 3) through mmseg's own test path,
+        as ``mim test mmseg`` ran it in the original's evaluation: the config's test pipeline (image
+        loaded as an array instead of a file, no annotations), the model's data preprocessor and
+        ``test_step`` (padding, whole / slide inference, logits resized back, argmax).
+
+        ``test_scale`` replaces the scale of the pipeline's keep-ratio ``Resize`` (one is added when
+        the pipeline has none): the paper protocol's (2048, 512), which the original's test
+        dataloaders used for every evaluation segmenter. None keeps the config's own.
+        """
+        from mmcv.transforms import Compose
+        from mmseg.utils import register_all_modules
+
+        register_all_modules(init_default_scope=True)
+        steps = [dict(step) for step in self.test_pipeline if step.get("type") not in ("LoadAnnotations",
+                                                                                        "mmseg.LoadAnnotations")]
+        if not steps or "Load" not in str(steps[0].get("type")):
+            steps.insert(0, dict(type="LoadImageFromFile"))
+        steps[0] = dict(type="LoadImageFromNDArray")
+        if test_scale is not None:
+            resized = [i for i, step in enumerate(steps) if step.get("type") in ("Resize", "mmseg.Resize")]
+            if resized:
+                for i in resized:
+                    steps[i] = dict(type="Resize", scale=tuple(test_scale), keep_ratio=True)
+            else:
+                steps.insert(1, dict(type="Resize", scale=tuple(test_scale), keep_ratio=True))
+        if not any("Pack" in str(step.get("type")) for step in steps):
+            steps.append(dict(type="PackSegInputs"))
+        pipeline = Compose(steps)
+        data = {"inputs": [], "data_samples": []}
+        for image in images_uint8:
+            # mmseg loads files as BGR and its data preprocessor flips them back (bgr_to_rgb).
+            packed = pipeline(dict(img=np.ascontiguousarray(image[..., ::-1])))
+            data["inputs"].append(packed["inputs"])
+            data["data_samples"].append(packed["data_samples"])
+        results = self.segmentor.test_step(data)
+        return torch.stack([result.pred_sem_seg.data[0].long().cpu() for result in results])
 
     @torch.no_grad()
     def target(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -121,6 +121,21 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
+# 4b. Reference libraries for the tests only: the versions the paper's 2024 evaluation ran, in
+#     their own folders (never on the project's import path). tests/reference_libs.py runs them
+#     in a subprocess to check the paper-protocol metrics against the real thing.
+REFERENCE_DIR="$VENV/reference"
+for spec in torchmetrics==1.4.1; do
+  target="$REFERENCE_DIR/${spec/==/-}"
+  if [[ ! -f "$target/.complete" ]]; then
+    log "installing the reference $spec into ${target#$ROOT/}"
+    rm -rf "$target"
+    "${PIP[@]}" install -q --no-deps --target "$target" "$spec"
+    touch "$target/.complete"
+  fi
+done
+
+# ---------------------------------------------------------------------------------------------
 # 5. Check that what the project imports is importable, and say what we have.
 "$PY" - <<'EOF'
 import importlib

@@ -100,26 +100,23 @@ def test_eval_canny_files_hold_what_they_should(toy_world, canny_run):
     from utils.data import load_dataset_any
 
     def canny_u8(image_u8: np.ndarray) -> np.ndarray:
-        # kornia Canny, low 0.1 / high 0.2, no hysteresis; the condition is the NMS magnitude above 0.1
-        x = torch.from_numpy(image_u8).permute(2, 0, 1)[None].float() / 255
-        magnitude, _ = kornia.filters.canny(x, 0.1, 0.2, (5, 5), (1.0, 1.0), hysteresis=False)
-        edges = torch.where(magnitude > 0.1, magnitude, torch.zeros_like(magnitude)).clamp(0, 1)
-        return (edges[0, 0] * 255).round().to(torch.uint8).numpy()
+        # The original's eval.py: kornia.filters.canny(x, 0.1, 0.2)[1] (hysteresis), to_pil_image -> 0 / 255
+        x = torch.from_numpy(image_u8).permute(2, 0, 1)[None].float() / 255.0
+        return (kornia.filters.canny(x, 0.1, 0.2)[1][0, 0].mul(255)).byte().numpy()
 
     dataset = load_dataset_any(str(toy_world / "datasets" / "MultiGen-20M_canny_eval"), "validation")
     real = np.array(dataset[3]["image"].convert("RGB").resize((64, 64), Image.BICUBIC))
-    def assert_nearly_equal(actual, expected):  # float32 rounding may move a pixel by one level
-        difference = np.abs(actual.astype(int) - expected.astype(int))
-        assert difference.max() <= 1 and (difference > 0).mean() < 0.005
-
-    assert_nearly_equal(png(canny_run / "annotations" / "3.png"), canny_u8(real))
+    annotation = png(canny_run / "annotations" / "3.png")
+    np.testing.assert_array_equal(annotation, canny_u8(real))
+    assert set(np.unique(annotation)) <= {0, 255} and (annotation == 255).any()
     generated = png(canny_run / "images" / "group_1" / "3.png")
     assert generated.shape == (64, 64, 3)
-    assert_nearly_equal(png(canny_run / "conditions" / "group_1" / "3.png"), canny_u8(generated))
+    np.testing.assert_array_equal(png(canny_run / "conditions" / "group_1" / "3.png"), canny_u8(generated))
     assert not np.array_equal(generated, png(canny_run / "images" / "group_0" / "3.png"))  # own seed per group
     assert png(canny_run / "visualization" / "3.png").shape == (128, 64 * 3, 3)
     config = json.loads((canny_run / "eval_config.json").read_text())
     assert config["num_rows"] == 12 and config["negative_prompt"] == "worst quality, low quality"
+    assert config["condition_protocol"] == "original"
 
 
 def test_eval_edge_canny_scores_match_numpy(canny_run):
@@ -139,15 +136,17 @@ def test_eval_edge_canny_scores_match_numpy(canny_run):
             psnr.append(min(10 * np.log10(1 / mse), 100.0))
         tp, fp, fn = counts
         f1_rows.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    default = eval_edge.main(["--root_dir", str(canny_run), "--num_workers", "2"])
-    assert default["metrics"]["f1"] == pytest.approx(100 * np.mean(f1), abs=1e-9)
-    assert default["metrics"]["psnr"] == pytest.approx(np.mean(psnr), rel=1e-6)  # float32 maps
-    assert default["per_group"]["f1"][1] == pytest.approx(100 * np.mean(f1[1::2]), abs=1e-9)
-    assert "ms_ssim" not in default["metrics"]  # 64 px: too small for 5 scales, said so
-    reference = eval_edge.main(["--root_dir", str(canny_run), "--num_workers", "0", "--reference_scoring"])
-    assert reference["metrics"]["f1"] == pytest.approx(100 * np.mean(f1_rows), abs=1e-9)
+    scores = eval_edge.main(["--root_dir", str(canny_run), "--num_workers", "2"])
+    corrected, paper = scores["corrected"], scores["paper"]
+    assert corrected["metrics"]["f1"] == pytest.approx(100 * np.mean(f1), abs=1e-9)
+    assert corrected["metrics"]["psnr"] == pytest.approx(np.mean(psnr), rel=1e-6)  # float32 maps
+    assert corrected["per_group"]["f1"][1] == pytest.approx(100 * np.mean(f1[1::2]), abs=1e-9)
+    assert "ms_ssim" not in corrected["metrics"]  # 64 px: too small for 5 scales, said so
+    # The paper protocol: the original's BinaryF1Score over each prompt's pooled pixels, then the mean.
+    assert paper["metrics"]["f1"] == pytest.approx(100 * np.mean(f1_rows), abs=1e-9)
     results = json.loads((canny_run / "results.json").read_text())
-    assert results["edge"]["metrics"] == default["metrics"] and results["edge_reference"]["scoring"] == "reference"
+    assert results["edge"]["metrics"] == corrected["metrics"] and results["edge_paper"]["scoring"] == "paper"
+    assert results["edge_paper"]["metrics"] == paper["metrics"]
 
 
 def test_eval_fid_matches_clean_fid_on_folders(toy_world, canny_run, tmp_path):
@@ -207,11 +206,13 @@ def test_summarize_puts_run_values_beside_paper_numbers(canny_run, tmp_path):
     results = json.loads((canny_run / "results.json").read_text())
     summary = summarize.main(["--run", f"toy={canny_run.parent}", "--output", str(tmp_path / "summary")])
     row = next(r for r in summary["rows"] if r["metric"].startswith("Canny F1"))
-    assert row["runs"]["toy"] == pytest.approx(results["edge"]["metrics"]["f1"])
+    paper, corrected = results["edge_paper"]["metrics"]["f1"], results["edge"]["metrics"]["f1"]
+    assert row["runs"]["paper"]["toy"] == pytest.approx(paper) and row["runs"]["corrected"]["toy"] == pytest.approx(corrected)
     assert row["paper"] == {"ControlNet v1.1": 34.65, "ControlNet++": 37.04}
     markdown = (tmp_path / "summary.md").read_text()
-    assert f"| Canny F1 ↑ | 34.65 | 37.04 | {results['edge']['metrics']['f1']:.2f} |" in markdown
-    assert "| ADE20K mIoU ↑ | 32.55 (27.46) | 43.64 (35.36) | – |" in markdown
+    assert "| Metric | Paper ControlNet v1.1 | Paper ControlNet++ | toy (paper protocol) | toy (corrected) |" in markdown
+    assert f"| Canny F1 ↑ | 34.65 | 37.04 | {paper:.2f} | {corrected:.2f} |" in markdown
+    assert "| ADE20K mIoU ↑ | 32.55 (27.46) | 43.64 (35.36) | – | – |" in markdown
 
 
 def test_metric_scripts_name_missing_files(canny_run, tmp_path):
@@ -252,10 +253,13 @@ def test_eval_refuses_to_complete_a_folder_generated_with_other_settings(canny_r
 # lineart: MS-SSIM at 192 px, default vs the original's scoring
 # ------------------------------------------------------------------------------------------
 def _original_lineart_scores(root: Path, rows: int, groups: int) -> tuple[float, float]:
-    """The original eval_edge.py's lineart computation, from files, with its torchmetrics objects."""
-    from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure, PeakSignalNoiseRatio
+    """The original eval_edge.py's lineart computation, from files: MS-SSIM by torchmetrics 1.4.1 (what it
+    ran in 2024), PSNR by torchmetrics' PeakSignalNoiseRatio object over each prompt's batch."""
+    from torchmetrics.image import PeakSignalNoiseRatio
 
-    ssim_metric, psnr_metric = MultiScaleStructuralSimilarityIndexMeasure(data_range=1.0), PeakSignalNoiseRatio(data_range=1.0)
+    from reference_libs import ms_ssim_torchmetrics_2024
+
+    psnr_metric = PeakSignalNoiseRatio(data_range=1.0)
     ssims, psnrs = [], []
     for row in range(rows):
         gt = torch.from_numpy(png(root / "annotations" / f"{row}.png"))[None, None].repeat(groups, 1, 1, 1)
@@ -263,17 +267,17 @@ def _original_lineart_scores(root: Path, rows: int, groups: int) -> tuple[float,
         pred = torch.stack([torch.from_numpy(255 - png(root / "conditions" / f"group_{g}" / f"{row}.png"))
                             for g in range(groups)])[:, None]
         pred = 1 - pred  # uint8: wraps around (defect 2)
-        ssims.append(float(ssim_metric((pred / 255.0).clip(0, 1), (gt / 255.0).clip(0, 1))))
-        value = psnr_metric((pred / 255.0).clip(0, 1), (gt / 255.0).clip(0, 1))
+        pred01, gt01 = (pred / 255.0).clip(0, 1), (gt / 255.0).clip(0, 1)
+        ssims.append(float(np.mean(ms_ssim_torchmetrics_2024(pred01.numpy(), gt01.numpy()))))
+        value = psnr_metric(pred01, gt01)
         psnrs.append(100.0 if torch.isinf(value) else float(value))
     return float(np.mean(ssims)), float(np.mean(psnrs))
 
 
 def test_lineart_scoring_of_a_known_pair():
-    """Identical drawings score 1 by default; the original's uint8 inversion scores them far lower."""
-    from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
-
+    """Identical drawings score 1 when corrected; the original's uint8 inversion scores them far lower."""
     from eval.eval_edge import score_batch
+    from reference_libs import ms_ssim_torchmetrics_2024
 
     condition = np.zeros((192, 192), np.uint8)  # the ControlNet input: 1 - drawing, lines are bright
     condition[40:150, 60:64] = 255
@@ -281,18 +285,18 @@ def test_lineart_scoring_of_a_known_pair():
     condition[120:170, 120:170] = 128
     prediction = torch.from_numpy(condition)[None, None].repeat(1, 2, 1, 1)
     annotation = torch.from_numpy(condition)[None]
-    default = score_batch("lineart", prediction, annotation, reference=False)
-    assert default["ms_ssim"].flatten().tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
-    assert default["psnr"].flatten().tolist() == [100.0, 100.0]
-    reference = score_batch("lineart", prediction, annotation, reference=True)
+    corrected = score_batch("lineart", prediction, annotation, paper=False)
+    assert corrected["ms_ssim"].flatten().tolist() == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert corrected["psnr"].flatten().tolist() == [100.0, 100.0]
+    paper = score_batch("lineart", prediction, annotation, paper=True)
     drawing = torch.from_numpy(255 - condition)[None, None].repeat(2, 1, 1, 1)  # what the original stored
-    original = MultiScaleStructuralSimilarityIndexMeasure(data_range=1.0)(
-        ((1 - drawing) / 255.0).clip(0, 1), (torch.from_numpy(condition)[None, None].repeat(2, 1, 1, 1) / 255.0).clip(0, 1))
-    assert float(reference["ms_ssim"][0]) == pytest.approx(float(original), abs=1e-4)
-    assert float(reference["ms_ssim"][0]) < 0.9  # the saturated lines became black
+    original = ms_ssim_torchmetrics_2024(((1 - drawing) / 255.0).clip(0, 1).numpy(),
+                                         (torch.from_numpy(condition)[None, None].repeat(2, 1, 1, 1) / 255.0).numpy())
+    assert float(paper["ms_ssim"][0]) == pytest.approx(float(np.mean(original)), abs=1e-5)
+    assert float(paper["ms_ssim"][0]) < 0.9  # the saturated lines became black
 
 
-def test_eval_lineart_end_to_end_default_and_reference_scoring(toy_world, tmp_path):
+def test_eval_lineart_end_to_end_paper_and_corrected_scoring(toy_world, tmp_path):
     from torchmetrics.image import MultiScaleStructuralSimilarityIndexMeasure
 
     from eval import eval_edge
@@ -301,15 +305,16 @@ def test_eval_lineart_end_to_end_default_and_reference_scoring(toy_world, tmp_pa
 
     out = tmp_path / "lineart"
     run_entry(generation_args(toy_world, "lineart", out, max_samples=3, resolution=192), env=ENV)
-    # the annotation is the input condition: 1 - line drawing of the real image, inverted in float
+    # the annotation is the input condition: 1 - line drawing of the real image, inverted in float and
+    # truncated to uint8 as the original's to_pil_image did
     annotator = build_reward_model("lineart", str(toy_world / "reward_models" / "lineart" / "model.pth"))
     real = load_dataset_any(str(toy_world / "datasets" / "MultiGen-20M_canny_eval"), "validation")[2]["image"]
     real = torch.from_numpy(np.array(real.convert("RGB").resize((192, 192), Image.BICUBIC))).permute(2, 0, 1)[None] / 255.0
     with torch.no_grad():
-        expected = ((1 - annotator(real)) * 255).round().to(torch.uint8)[0, 0].numpy()
+        expected = ((1 - annotator(real)) * 255).to(torch.uint8)[0, 0].numpy()
     np.testing.assert_array_equal(png(out / "annotations" / "2.png"), expected)
 
-    default = eval_edge.main(["--root_dir", str(out), "--num_workers", "0"])
+    scores = eval_edge.main(["--root_dir", str(out), "--num_workers", "0"])
     metric = MultiScaleStructuralSimilarityIndexMeasure(data_range=1.0)
     per_image = []
     for row in range(3):
@@ -318,11 +323,10 @@ def test_eval_lineart_end_to_end_default_and_reference_scoring(toy_world, tmp_pa
             pred = torch.from_numpy(png(out / "conditions" / f"group_{group}" / f"{row}.png"))[None, None] / 255.0
             per_image.append(float(metric(pred, gt)))
     # float32 sums in another order (separable filter): agreement to 1e-4, the paper's last digit
-    assert default["metrics"]["ms_ssim"] == pytest.approx(np.mean(per_image), abs=1e-4)
-    reference = eval_edge.main(["--root_dir", str(out), "--num_workers", "0", "--reference_scoring"])
+    assert scores["corrected"]["metrics"]["ms_ssim"] == pytest.approx(np.mean(per_image), abs=1e-4)
     ssim, psnr = _original_lineart_scores(out, 3, 2)
-    assert reference["metrics"]["ms_ssim"] == pytest.approx(ssim, abs=1e-4)
-    assert reference["metrics"]["psnr"] == pytest.approx(psnr, abs=1e-4)
+    assert scores["paper"]["metrics"]["ms_ssim"] == pytest.approx(ssim, abs=1e-4)
+    assert scores["paper"]["metrics"]["psnr"] == pytest.approx(psnr, abs=1e-4)
 
 
 def test_generation_resolution_upsamples_what_the_pipeline_draws_at_its_size(toy_world, tmp_path):
@@ -398,7 +402,7 @@ def test_launchers_resolve_paper_defaults_and_overrides(tmp_path):
         assert expected in generate, generate
     overrides = {"NUM_PROCESSES": "2", "MODEL_PATH": "ckpt/depth", "OUTPUT_DIR": str(tmp_path / "o"), "MAX_SAMPLES": "5",
                  "EVAL_MODEL_PATH": "dpt-large-local", "INCEPTION_PATH": "inc.pt", "CLIP_PATH": "clip-local",
-                 "REFERENCE_SCORING": "1", "NUM_GROUPS": "2"}
+                 "NUM_GROUPS": "2"}
     result = subprocess.run(["bash", "eval/eval_depth.sh", "--seed", "3"], cwd=REPO_ROOT, env={**env, **overrides},
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -406,8 +410,9 @@ def test_launchers_resolve_paper_defaults_and_overrides(tmp_path):
     assert "--num_processes 2" in lines[0] and "--model_path ckpt/depth" in lines[0] and lines[0].endswith("--seed 3")
     assert "--max_samples 5" in lines[0] and "--num_groups 2" in lines[0]
     assert lines[1].endswith(f"eval/eval_depth.py --root_dir {tmp_path / 'o'} --eval_model_name_or_path dpt-large-local")
-    assert lines[2].endswith("--reference_scoring")
-    assert "--inception_path inc.pt" in lines[3] and "--clip_model_name_or_path clip-local" in lines[4]
+    # One metric run writes both scorings (paper protocol and corrected).
+    assert "--inception_path inc.pt" in lines[2] and "--clip_model_name_or_path clip-local" in lines[3]
+    assert len(lines) == 4
 
 
 # ------------------------------------------------------------------------------------------
@@ -498,7 +503,7 @@ def test_eval_hed_two_processes_and_ms_ssim(toy_world, tmp_path):
 
     out = tmp_path / "hed"
     run_entry(ACCELERATE_2 + generation_args(toy_world, "hed", out, max_samples=4, resolution=192), env=ENV)
-    results = eval_edge.main(["--root_dir", str(out), "--num_workers", "0"])
+    results = eval_edge.main(["--root_dir", str(out), "--num_workers", "0"])["corrected"]
     metric = MultiScaleStructuralSimilarityIndexMeasure(data_range=1.0)
     expected = [float(metric(torch.from_numpy(png(out / "conditions" / f"group_{g}" / f"{r}.png"))[None, None] / 255.0,
                              torch.from_numpy(png(out / "annotations" / f"{r}.png"))[None, None] / 255.0))
@@ -507,33 +512,44 @@ def test_eval_hed_two_processes_and_ms_ssim(toy_world, tmp_path):
 
 
 def test_eval_depth_two_processes_and_rmse(toy_world, tmp_path):
+    import torchvision.transforms.functional as TF
+    from transformers import DPTForDepthEstimation, DPTImageProcessor
+
     from eval import eval_depth
-    from reward_models import build_reward_model
     from utils.data import load_dataset_any
 
     out = tmp_path / "depth"
     dpt = toy_world / "reward_models" / "dpt-hybrid-midas"
     run_entry(ACCELERATE_2 + generation_args(toy_world, "depth", out, max_samples=4), env=ENV)
+    # The original's label: control_depth min-max normalised at full size, truncated, resized nearest.
     dataset = load_dataset_any(str(toy_world / "datasets" / "MultiGen-20M_depth_eval"), "validation")
-    depth = np.asarray(dataset[1]["control_depth"].convert("RGB").resize((64, 64), Image.BICUBIC)).astype(np.float32)
-    np.testing.assert_array_equal(png(out / "annotations" / "1.png"), depth.mean(-1).round().astype(np.uint8))
+    depth = np.array(dataset[1]["control_depth"]).astype(np.float64)
+    label = ((depth - depth.min()) / (depth.max() - depth.min()) * 255).astype(np.uint8)
+    label = np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST).convert("L"))
+    np.testing.assert_array_equal(png(out / "annotations" / "1.png"), label)
 
-    default = eval_depth.main(["--root_dir", str(out), "--eval_model_name_or_path", str(dpt), "--num_workers", "0"])
-    reference = eval_depth.main(["--root_dir", str(out), "--eval_model_name_or_path", str(dpt), "--num_workers", "0",
-                                 "--reference_scoring"])
-    model = build_reward_model("depth", str(dpt))
+    scores = eval_depth.main(["--root_dir", str(out), "--eval_model_name_or_path", str(dpt), "--num_workers", "0"])
+    # The original's eval.py + eval_depth.py, with transformers' processor and model called directly.
+    processor = DPTImageProcessor.from_pretrained(str(dpt)) if (dpt / "preprocessor_config.json").is_file() \
+        else DPTImageProcessor()
+    model = DPTForDepthEstimation.from_pretrained(str(dpt)).eval()
     minmax = lambda x: (x - x.min()) / max(x.max() - x.min(), 1e-6)  # noqa: E731
-    errors, reference_errors = [], []
+    corrected, paper = [], []
     for row in range(4):
-        label = png(out / "annotations" / f"{row}.png").astype(np.float64) / 255
-        for group in range(2):
-            image = torch.from_numpy(png(out / "images" / f"group_{group}" / f"{row}.png")).permute(2, 0, 1)[None] / 255.0
-            with torch.no_grad():
-                prediction = model(image)[0, 0].double().numpy()  # already divided by its max
-            errors.append(np.sqrt(((minmax(prediction) * 255 - minmax(label) * 255) ** 2).mean()))
-            reference_errors.append(np.sqrt(((np.floor(prediction * 255) - np.floor(minmax(label) * 255)) ** 2).mean()))
-    assert default["metrics"]["rmse"] == pytest.approx(np.mean(errors), rel=1e-5)
-    assert reference["metrics"]["rmse"] == pytest.approx(np.mean(reference_errors), rel=1e-5)
+        label = png(out / "annotations" / f"{row}.png")
+        images = [Image.open(out / "images" / f"group_{group}" / f"{row}.png").convert("RGB") for group in range(2)]
+        with torch.no_grad():  # one call per prompt on its images, as the original's eval.py
+            predictions = model(**processor(images=images, return_tensors="pt")).predicted_depth
+        for predicted in predictions:
+            stored = TF.to_pil_image(predicted / predicted.max()).convert("RGB").resize((64, 64), Image.BILINEAR)
+            stored = np.asarray(stored.convert("L")).astype(np.float64)
+            paper.append(np.sqrt(((stored - label.astype(np.float64)) ** 2).mean()))
+            upsampled = torch.nn.functional.interpolate(predicted[None, None], size=(64, 64), mode="bilinear",
+                                                        align_corners=False)[0, 0].double().numpy()
+            corrected.append(np.sqrt(((minmax(upsampled) * 255 - minmax(label / 255.0) * 255) ** 2).mean()))
+    assert scores["paper"]["metrics"]["rmse"] == pytest.approx(np.mean(paper), rel=1e-9)
+    assert scores["corrected"]["metrics"]["rmse"] == pytest.approx(np.mean(corrected), rel=1e-5)
+    assert scores["paper"]["metrics"]["rmse"] != pytest.approx(scores["corrected"]["metrics"]["rmse"], rel=1e-3)
 
 
 @pytest.mark.slow
@@ -558,19 +574,28 @@ def test_eval_segmentation_two_processes_and_miou(toy_world, tmp_path, benchmark
     np.testing.assert_array_equal(png(out / "annotations" / "2.png"),
                                   np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST)))
 
-    results = eval_seg.main(["--root_dir", str(out), "--eval_model_name_or_path", str(segmenter), "--num_workers", "0"])
+    scores = eval_seg.main(["--root_dir", str(out), "--eval_model_name_or_path", str(segmenter), "--num_workers", "0"])
+    from mmengine.config import Config
+    from mmseg.apis import inference_model
+
     model = build_reward_model("segmentation", str(segmenter), label_format=label_format)
-    confusion = np.zeros((model.num_classes, model.num_classes), np.int64)
-    for row in range(4):
-        target = png(out / "annotations" / f"{row}.png").astype(np.int64)
-        for group in range(2):
-            image = torch.from_numpy(png(out / "images" / f"group_{group}" / f"{row}.png")).permute(2, 0, 1)[None] / 255.0
-            prediction = model.predict(image)[0].numpy()
-            valid = target != 255
-            np.add.at(confusion, (target[valid], prediction[valid]), 1)
-    intersection = np.diag(confusion).astype(float)
-    union = confusion.sum(0) + confusion.sum(1) - intersection
-    with np.errstate(invalid="ignore", divide="ignore"):
-        expected = np.nanmean(intersection / union) * 100
-    assert results["metrics"]["miou"] == pytest.approx(expected, abs=1e-9)
-    assert results["benchmark"] == benchmark
+    for scoring, scale in (("paper", (2048, 512)), ("corrected", None)):
+        cfg = Config.fromfile(str(segmenter / "config.py"))  # mmseg's own inference at the scoring's test scale
+        for step in cfg.test_pipeline:
+            if step["type"] == "Resize" and scale is not None:
+                step["scale"] = scale
+        model.segmentor.cfg = cfg
+        confusion = np.zeros((model.num_classes, model.num_classes), np.int64)
+        for row in range(4):
+            target = png(out / "annotations" / f"{row}.png").astype(np.int64)
+            for group in range(2):
+                bgr = np.ascontiguousarray(png(out / "images" / f"group_{group}" / f"{row}.png")[..., ::-1])
+                prediction = inference_model(model.segmentor, bgr).pred_sem_seg.data[0].cpu().numpy()
+                valid = target != 255
+                np.add.at(confusion, (target[valid], prediction[valid]), 1)
+        intersection = np.diag(confusion).astype(float)
+        union = confusion.sum(0) + confusion.sum(1) - intersection
+        with np.errstate(invalid="ignore", divide="ignore"):
+            expected = np.nanmean(intersection / union) * 100
+        assert scores[scoring]["metrics"]["miou"] == pytest.approx(expected, abs=1e-9), scoring
+        assert scores[scoring]["benchmark"] == benchmark

@@ -63,7 +63,7 @@ def annotator_output(toy_world: Path, task: str, image_path: Path, size: tuple[i
     image = Image.open(image_path).convert("RGB").resize(size, Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     with torch.no_grad():
-        condition = model.extract_condition(x)[0]
+        condition = model.annotate(x)[0]  # as the original's demo: canny binary after hysteresis
     return (condition.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
@@ -159,7 +159,8 @@ def test_canny_thresholds_change_the_condition(toy_world: Path, inputs: dict, tm
     base = ["--toy", str(toy_world), "--task", "canny", "--image", str(inputs["wide"]), "--prompt", "x",
             "--steps", "1", "--num_images", "1"]
     generate.main([*base, "--output_dir", str(tmp_path / "low")])
-    generate.main([*base, "--output_dir", str(tmp_path / "high"), "--canny_low_threshold", "0.6"])
+    generate.main([*base, "--output_dir", str(tmp_path / "high"), "--canny_low_threshold", "0.6",
+                   "--canny_high_threshold", "0.7"])
     low, high = read(tmp_path / "low" / "conditions" / "wide.png"), read(tmp_path / "high" / "conditions" / "wide.png")
     # A higher low threshold keeps a strict subset of the edge pixels.
     assert (high > 0).sum() < (low > 0).sum()

@@ -87,11 +87,14 @@ def _gaussian_kernel_1d(dtype: torch.dtype, device: torch.device) -> torch.Tenso
     return kernel / kernel.sum()
 
 
-def _ssim_and_contrast_structure(pred: torch.Tensor, target: torch.Tensor, kernel: torch.Tensor):
+def _ssim_and_contrast_structure(pred: torch.Tensor, target: torch.Tensor, kernel: torch.Tensor,
+                                 crop_ssim_border: bool = False):
     """Per-image SSIM and contrast-structure means, with torchmetrics' conventions: the inputs are
-    reflect-padded by half the kernel, the SSIM map is averaged over the whole image, the
-    contrast-structure map over its valid part (padding cropped). The 11x11 Gaussian is applied
-    as two 1-D passes (same result, 5.5x fewer operations than torchmetrics' 2-D kernel)."""
+    reflect-padded by half the kernel, the contrast-structure map is averaged over its valid part
+    (padding cropped), the SSIM map over the whole image (torchmetrics >= 1.4.2) or, with
+    ``crop_ssim_border``, over the valid part too (torchmetrics <= 1.4.1, what the paper's 2024
+    evaluation ran). The 11x11 Gaussian is applied as two 1-D passes (same result up to float
+    rounding, 5.5x fewer operations than torchmetrics' 2-D kernel)."""
     c1, c2 = 0.01 ** 2, 0.03 ** 2  # k1, k2 for data range 1
     pad = SSIM_KERNEL_SIZE // 2
     batch, channels = pred.shape[:2]
@@ -114,16 +117,20 @@ def _ssim_and_contrast_structure(pred: torch.Tensor, target: torch.Tensor, kerne
     lower = sigma_pred + sigma_target + c2
     ssim_map = (2 * mu_pred * mu_target + c1) * upper / ((mu_pred ** 2 + mu_target ** 2 + c1) * lower)
     contrast_structure = (upper / lower)[..., pad:-pad, pad:-pad]
+    if crop_ssim_border:
+        ssim_map = ssim_map[..., pad:-pad, pad:-pad]
     return ssim_map.flatten(1).mean(1), contrast_structure.flatten(1).mean(1)
 
 
-def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def ms_ssim(pred: torch.Tensor, target: torch.Tensor, crop_ssim_border: bool = False) -> torch.Tensor:
     """Multi-scale SSIM per image (B,) of (B,C,H,W) maps in [0, 1].
 
     The paper's settings, torchmetrics' ``multiscale_structural_similarity_index_measure``
     defaults, which the original release called: data range 1, Gaussian kernel 11 (sigma 1.5),
     5 scales with the standard betas, negative terms clipped to 0 ("relu"); 2x2 average pooling
     between scales. Needs H, W > 160 (the 5th scale must still hold an 11x11 kernel).
+    ``crop_ssim_border=True`` is torchmetrics <= 1.4.1's definition (the paper protocol): the
+    coarsest scale's SSIM map is averaged without its 5-pixel border; False is torchmetrics >= 1.4.2.
     """
     if min(pred.shape[-2:]) <= MS_SSIM_MIN_SIZE:
         raise ValueError(
@@ -134,7 +141,7 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     kernel = _gaussian_kernel_1d(pred.dtype, pred.device)
     terms = []
     for scale in range(len(MS_SSIM_BETAS)):
-        ssim, contrast_structure = _ssim_and_contrast_structure(pred, target, kernel)
+        ssim, contrast_structure = _ssim_and_contrast_structure(pred, target, kernel, crop_ssim_border)
         if scale == len(MS_SSIM_BETAS) - 1:
             terms.append(ssim.relu())  # the coarsest scale contributes its full SSIM
         else:
@@ -159,7 +166,7 @@ def psnr_pooled(pred: torch.Tensor, target: torch.Tensor, cap_db: float = PSNR_C
 
 
 def lineart_reference_inversion(pred_uint8: torch.Tensor) -> torch.Tensor:
-    """The original release's lineart scoring input (defect 2), reproduced for --reference_scoring.
+    """The original release's lineart scoring input (defect 2), reproduced for the paper protocol.
 
     The original read the un-inverted line drawing of the generated image (0 = ink) as a uint8
     tensor and computed ``1 - x`` on it before dividing by 255. On uint8 that wraps around:
