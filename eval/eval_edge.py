@@ -61,7 +61,10 @@ def score_batch(task: str, prediction: torch.Tensor, annotation: torch.Tensor, p
     flat = lambda x: x.reshape(batch * groups, 1, height, width)  # noqa: E731
     scores = {}
     if min(height, width) > metrics.MS_SSIM_MIN_SIZE:
-        ms_ssim = metrics.ms_ssim(flat(pred01), flat(target01), crop_ssim_border=paper).view(batch, groups)
+        # One call per prompt on its images, as the original's torchmetrics object was called: a
+        # convolution's float rounding may depend on the batch.
+        ms_ssim = torch.stack([metrics.ms_ssim(p[:, None], t[:, None], crop_ssim_border=paper)
+                               for p, t in zip(pred01, target01)])
         scores["ms_ssim"] = ms_ssim.mean(1) if paper else ms_ssim
     if paper:
         scores["psnr"] = torch.stack([metrics.psnr_pooled(p, t) for p, t in zip(pred01, target01)])
@@ -71,7 +74,7 @@ def score_batch(task: str, prediction: torch.Tensor, annotation: torch.Tensor, p
         pred_edges, target_edges = prediction > 0, target > 0
         if paper:
             counts = metrics.binary_confusion_counts(pred_edges.flatten(1), target_edges.flatten(1))
-            scores["f1"] = metrics.f1_from_counts(*counts) * 100
+            scores["f1"] = metrics.f1_from_counts_float32(*counts) * 100
         else:
             scores["f1"] = metrics.binary_f1(flat(pred_edges), flat(target_edges)).view(batch, groups) * 100
     return scores

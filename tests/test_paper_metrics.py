@@ -37,9 +37,24 @@ def test_paper_ms_ssim_is_torchmetrics_2024_and_corrected_is_todays():
     expected_2024 = ms_ssim_torchmetrics_2024(pred, target)
     expected_today = multiscale_structural_similarity_index_measure(
         torch.from_numpy(pred), torch.from_numpy(target), data_range=1.0, reduction="none")
-    assert paper.tolist() == pytest.approx(expected_2024, abs=2e-6)
-    assert corrected.tolist() == pytest.approx(expected_today.tolist(), abs=2e-6)
+    assert paper.tolist() == pytest.approx(expected_2024, abs=1e-7)  # the same arithmetic as torchmetrics
+    assert corrected.tolist() == pytest.approx(expected_today.tolist(), abs=1e-7)
     assert (paper - corrected).abs().min() > 2e-5  # the two definitions are told apart
+
+
+def test_paper_psnr_and_f1_are_torchmetrics_float32_arithmetic():
+    from torchmetrics.classification import BinaryF1Score
+    from torchmetrics.image import PeakSignalNoiseRatio
+
+    from utils import metrics
+
+    pred, target = (torch.from_numpy(x) for x in _maps(5, (4, 1, 64, 64)))
+    expected = PeakSignalNoiseRatio(data_range=1.0)(pred, target)  # the original's object, one prompt's batch
+    assert float(metrics.psnr_pooled(pred, target)) == float(expected)
+    edges, reference_edges = pred > 0.6, target > 0.55
+    counts = metrics.binary_confusion_counts(edges.flatten()[None], reference_edges.flatten()[None])
+    f1 = BinaryF1Score()(edges.flatten().to(torch.uint8), reference_edges.flatten().to(torch.uint8))
+    assert float(metrics.f1_from_counts_float32(*counts)[0]) == float(f1)
 
 
 def test_lineart_paper_inversion_wraps_around_as_uint8():
