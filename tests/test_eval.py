@@ -322,11 +322,11 @@ def test_eval_lineart_end_to_end_paper_and_corrected_scoring(toy_world, tmp_path
         for group in range(2):
             pred = torch.from_numpy(png(out / "conditions" / f"group_{group}" / f"{row}.png"))[None, None] / 255.0
             per_image.append(float(metric(pred, gt)))
-    # float32 sums in another order (separable filter): agreement to 1e-4, the paper's last digit
-    assert scores["corrected"]["metrics"]["ms_ssim"] == pytest.approx(np.mean(per_image), abs=1e-4)
+    # torchmetrics' arithmetic; the batch differs (one image here, one prompt there): agreement to 1e-6
+    assert scores["corrected"]["metrics"]["ms_ssim"] == pytest.approx(np.mean(per_image), abs=1e-6)
     ssim, psnr = _original_lineart_scores(out, 3, 2)
-    assert scores["paper"]["metrics"]["ms_ssim"] == pytest.approx(ssim, abs=1e-4)
-    assert scores["paper"]["metrics"]["psnr"] == pytest.approx(psnr, abs=1e-4)
+    assert scores["paper"]["metrics"]["ms_ssim"] == pytest.approx(ssim, abs=1e-7)
+    assert scores["paper"]["metrics"]["psnr"] == pytest.approx(psnr, abs=1e-9)
 
 
 def test_generation_resolution_upsamples_what_the_pipeline_draws_at_its_size(toy_world, tmp_path):
