@@ -110,6 +110,21 @@ def ade20k_palette_to_label(image: np.ndarray) -> np.ndarray:
     return index
 
 
+def ade20k_resized_palette_to_label(image01):
+    """The original release's ADE20K training labels: a *resized* palette condition (3, H, W) float in
+    [0, 1] -> (H, W) int64, each pixel the nearest of the 151 colours by Euclidean distance on the
+    0..255 scale in the tensor's float arithmetic (first minimum), minus one, background 255.
+    Bicubic resizing blends the colours at class borders, which can land on a third class; the
+    default maps the full-size palette image instead (``ade20k_palette_to_label``)."""
+    import torch
+
+    palette = torch.tensor(ADE20K_PALETTE_WITH_BACKGROUND, dtype=image01.dtype, device=image01.device)
+    pixels = (image01 * 255).permute(1, 2, 0).reshape(-1, 3)
+    index = torch.argmin(torch.norm(pixels[:, None, :] - palette, dim=-1), dim=-1) - 1
+    index[index < 0] = IGNORE_INDEX
+    return index.view(image01.shape[1], image01.shape[2])
+
+
 def label_to_palette_image(label: np.ndarray, palette) -> np.ndarray:
     """(H, W) class indices -> (H, W, 3) uint8 RGB; ignore (255) and unknown classes are black."""
     label = np.asarray(label)

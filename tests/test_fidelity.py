@@ -219,6 +219,43 @@ def test_reward_stage_batch_equals_the_original_squash(toy_world, tmp_path):
     assert torch.equal(ours["labels"], label.squeeze(0))
 
 
+def test_ade20k_labels_the_original_way_on_request(toy_world, tmp_path):
+    """--palette_labels resize_then_map: the palette condition squashed (bicubic) like the condition, then
+    each pixel's nearest of the 151 colours (on the 0..255 scale), minus one, background 255."""
+    import datasets
+    from torchvision import transforms
+    from transformers import CLIPTokenizer
+
+    from reward_models.palettes import ADE20K_PALETTE_WITH_BACKGROUND, ade20k_resized_palette_to_label
+    from reward_models.segmentation import label_image_to_index
+    from utils.data import ControlNetRows
+
+    palette = np.asarray(ADE20K_PALETTE_WITH_BACKGROUND, dtype=np.uint8)
+    classes = np.random.default_rng(3).integers(0, 151, (5, 7))
+    control = Image.fromarray(palette[classes.repeat(12, 0).repeat(14, 1)])  # 84 x 98, sharp class borders
+    dataset = datasets.Dataset.from_dict(
+        {"image": [control], "control": [control], "text": ["x"]},
+        features=datasets.Features({"image": datasets.Image(), "control": datasets.Image(), "text": datasets.Value("string")}))
+    tokenizer = CLIPTokenizer.from_pretrained(str(toy_world / "toy-sd15" / "tokenizer"))
+    common = dict(conditioning_image_column="control", label_column="control",
+                  label_from_image=lambda im: label_image_to_index(im, "ade20k_palette"))
+    original = ControlNetRows(dataset, tokenizer, 40, "image", "text", **common,
+                              label_from_resized=ade20k_resized_palette_to_label)[0]["labels"]
+    default = ControlNetRows(dataset, tokenizer, 40, "image", "text", **common)[0]["labels"]
+    resized = transforms.Compose([transforms.Resize((40, 40), interpolation=transforms.InterpolationMode.BICUBIC,
+                                                    antialias=True), transforms.ToTensor()])(control)
+    # The original's float32 arithmetic: colours x 255, Euclidean distance to each palette colour, first minimum.
+    colours = resized.permute(1, 2, 0).numpy() * np.float32(255)
+    difference = colours[:, :, None, :] - palette[None, None].astype(np.float32)
+    nearest = np.sqrt((difference * difference).sum(-1, dtype=np.float32)).argmin(-1) - 1
+    expected = np.where(nearest < 0, 255, nearest)
+    assert (original.numpy() == expected).mean() > 0.995  # numpy's float32 sum order may flip a near-tie
+    full_size = torch.from_numpy(np.where(classes == 0, 255, classes - 1).repeat(12, 0).repeat(14, 1))
+    exact = transforms.Resize((40, 40), interpolation=transforms.InterpolationMode.NEAREST)(full_size[None])[0].numpy()
+    np.testing.assert_array_equal(default.numpy(), exact)  # the default: classes mapped first, resized nearest
+    assert (original.numpy() != exact).any()  # blended border colours: other classes, the original's defect
+
+
 def test_stage_one_batch_equals_the_original_centre_crop(toy_world, tmp_path):
     """train_controlnet.py: Resize(R, bilinear) (shorter side) + CenterCrop(R) + ToTensor (+ Normalize)."""
     from torchvision import transforms

@@ -119,7 +119,8 @@ class ControlNetRows:
     - ``random_crop`` (aspect kept): shorter side resized, one random crop (centred when
       ``train`` is False) applied jointly to image, condition and label.
     ``resize_interpolation`` is ``bicubic`` (reward stage) or ``bilinear`` (stage one), with
-    antialiasing; labels are always resized nearest. The target image is normalised to [-1, 1]
+    antialiasing; labels are mapped to classes at full size and resized nearest, or, with
+    ``label_from_resized`` (the original's ADE20K labels), resized like the condition and mapped after. The target image is normalised to [-1, 1]
     as ``Normalize([0.5], [0.5])`` does it, the condition stays in [0, 1].
 
     Randomness (crop, caption choice, condition dropout) comes from a generator seeded by
@@ -145,6 +146,7 @@ class ControlNetRows:
         dataset_name: str = "the dataset",
         resize_mode: str = "squash",
         resize_interpolation: str = "bicubic",
+        label_from_resized=None,
     ):
         import datasets
 
@@ -153,6 +155,9 @@ class ControlNetRows:
         if resize_interpolation not in RESIZE_INTERPOLATIONS:
             raise ValueError(f"resize_interpolation must be one of {RESIZE_INTERPOLATIONS}, got {resize_interpolation!r}")
         self.resize_mode, self.resize_interpolation = resize_mode, resize_interpolation
+        # The original's ADE20K labels: the label image resized like the condition, then mapped
+        # (``label_from_resized``: (3, R, R) float in [0, 1] -> (R, R) int64); default: mapped, then resized.
+        self.label_from_resized = label_from_resized
 
         require_columns(
             dataset,
@@ -256,8 +261,11 @@ class ControlNetRows:
             out["conditioning_pixel_values"] = resize(condition, self.resize_interpolation)
         if self.label_column is not None:
             label_image = _pil_from_value(row[self.label_column], self.label_column, index)
-            label = torch.from_numpy(self.label_from_image(label_image)).long()
-            out["labels"] = resize(label[None], "nearest")[0]
+            if self.label_from_resized is not None:
+                out["labels"] = self.label_from_resized(resize(to_rgb(label_image), self.resize_interpolation)).long()
+            else:
+                label = torch.from_numpy(self.label_from_image(label_image)).long()
+                out["labels"] = resize(label[None], "nearest")[0]
 
         caption = self.caption(index, rng)
         # Condition dropout for classifier-free guidance (paper follows ControlNet: all 0 by

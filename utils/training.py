@@ -179,6 +179,10 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
           help="segmentation: checkpoint for a config-based reward model ('random' = random weights, for tests).")
         a("--label_format", default=None, choices=["ade20k_palette", "index", "index_reduce_zero"],
           help="segmentation: how label images encode classes; default inferred from the reward config.")
+        a("--palette_labels", default="map_then_resize", choices=["map_then_resize", "resize_then_map"],
+          help="ADE20K palette labels: map each colour to its class at full size, then resize nearest (default; "
+               "a deliberate fix), or resize the palette image like the condition (bicubic) and map after, as the "
+               "original did (blended border colours can become a third class).")
         a("--grad_scale", type=float, default=1.0, help="weight of the reward loss (paper Table 8).")
         a("--min_timestep_rewarding", type=int, default=0, help="reward samples with t >= this.")
         a("--max_timestep_rewarding", type=int, default=200, help="reward samples with t <= this.")
@@ -508,7 +512,20 @@ def build_train_rows(args, tokenizer, reward_model=None, train: bool = True) -> 
         image_condition_dropout=args.image_condition_dropout, text_condition_dropout=args.text_condition_dropout,
         all_condition_dropout=args.all_condition_dropout, dataset_name=f"{args.dataset_name} ({args.dataset_split})",
         resize_mode=args.resize_mode, resize_interpolation=args.resize_interpolation,
+        label_from_resized=palette_label_mapping(args, reward_model),
     )
+
+
+def palette_label_mapping(args, reward_model):
+    """--palette_labels resize_then_map: the original's ADE20K labels (the resized palette, mapped after)."""
+    if getattr(args, "palette_labels", "map_then_resize") == "map_then_resize" or args.label_column is None:
+        return None
+    if getattr(reward_model, "label_format", None) != "ade20k_palette":
+        raise ValueError("--palette_labels resize_then_map is for ADE20K palette labels; this reward model reads "
+                         f"{getattr(reward_model, 'label_format', None)!r} labels. Drop the flag.")
+    from reward_models.palettes import ade20k_resized_palette_to_label
+
+    return ade20k_resized_palette_to_label
 
 
 def build_optimizer(args, params):
