@@ -80,8 +80,9 @@ def depth_rmse(prediction: torch.Tensor, label: torch.Tensor, paper: bool) -> to
     paper: prediction and label are the stored uint8 maps, compared as they are. Corrected:
     prediction is the raw depth upsampled in float, label the annotation; both min-max normalised.
     """
-    if paper:
-        return metrics.rmse(prediction.double(), label.double())
+    if paper:  # the original's torch.sqrt(F.mse_loss(pred.float(), label.float())) per image, in float32
+        squared = (prediction.float() - label.float()) ** 2
+        return squared.flatten(1).mean(1).sqrt().double()
     return metrics.rmse(metrics.min_max_normalize(prediction) * 255, metrics.min_max_normalize(label.double()) * 255)
 
 

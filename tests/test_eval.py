@@ -542,8 +542,9 @@ def test_eval_depth_two_processes_and_rmse(toy_world, tmp_path):
             predictions = model(**processor(images=images, return_tensors="pt")).predicted_depth
         for predicted in predictions:
             stored = TF.to_pil_image(predicted / predicted.max()).convert("RGB").resize((64, 64), Image.BILINEAR)
-            stored = np.asarray(stored.convert("L")).astype(np.float64)
-            paper.append(np.sqrt(((stored - label.astype(np.float64)) ** 2).mean()))
+            stored = torch.from_numpy(np.asarray(stored.convert("L")).copy())
+            # the original's eval_depth.py: torch.sqrt(F.mse_loss(pred.float(), label.float())) per image
+            paper.append(float(torch.sqrt(torch.nn.functional.mse_loss(stored.float(), torch.from_numpy(label).float()))))
             upsampled = torch.nn.functional.interpolate(predicted[None, None], size=(64, 64), mode="bilinear",
                                                         align_corners=False)[0, 0].double().numpy()
             corrected.append(np.sqrt(((minmax(upsampled) * 255 - minmax(label / 255.0) * 255) ** 2).mean()))
