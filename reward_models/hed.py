@@ -99,7 +99,8 @@ class HEDRewardModel(RewardModel):
     @torch.no_grad()
     def condition_uint8(self, images: torch.Tensor) -> torch.Tensor:
         """The map as the original's evaluation stored it: its detector returned
-        ``uint8(clip(p * 255)) / 255`` and ``to_pil_image`` wrote ``(that * 255).byte()``; both
-        truncate, and the second can lose one more level (k / 255 * 255 may round below k)."""
+        ``uint8(clip(p * 255)) / 255`` and ``to_pil_image`` wrote ``(that * 255).byte()``, i.e. the
+        map truncated to uint8 (the second step gives back every level k exactly in float32; kept
+        as written so the code reads as the original's computation)."""
         levels = (self(images).float() * 255.0).clip(0, 255).to(torch.uint8)
         return ((levels / 255.0) * 255).to(torch.uint8).repeat(1, 3, 1, 1)
