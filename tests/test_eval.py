@@ -134,8 +134,12 @@ def test_eval_edge_canny_scores_match_numpy(canny_run):
             f1.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
             mse = ((condition / 255 - png(canny_run / "annotations" / f"{row}.png") / 255) ** 2).mean()
             psnr.append(min(10 * np.log10(1 / mse), 100.0))
-        tp, fp, fn = counts
-        f1_rows.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+        # The paper protocol: the original's BinaryF1Score over the prompt's pooled pixels (float32)
+        from torchmetrics.classification import BinaryF1Score
+
+        pooled = np.stack([png(canny_run / "conditions" / f"group_{g}" / f"{row}.png") for g in range(2)]) > 0
+        f1_rows.append(float(BinaryF1Score()(torch.from_numpy(pooled.flatten().astype(np.uint8)),
+                                             torch.from_numpy(np.stack([target] * 2).flatten().astype(np.uint8)))))
     scores = eval_edge.main(["--root_dir", str(canny_run), "--num_workers", "2"])
     corrected, paper = scores["corrected"], scores["paper"]
     assert corrected["metrics"]["f1"] == pytest.approx(100 * np.mean(f1), abs=1e-9)
