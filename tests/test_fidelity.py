@@ -370,3 +370,19 @@ def test_launchers_pass_the_originals_effective_warmup(tmp_path, name):
     argv = (tmp_path / "argv.txt").read_text().splitlines()
     assert argv[argv.index("--lr_warmup_steps") + 1] == str(EFFECTIVE_WARMUP[name])
     assert argv[argv.index("--lr_scheduler") + 1] == "constant_with_warmup"
+
+
+@pytest.mark.slow
+def test_original_launch_line_with_its_accelerate_config(toy_world, tmp_path):
+    """`accelerate launch --config_file "train/config.yml" --main_process_port=... train/reward_control.py`
+    from the repository root, as the original's reward_canny.sh: 8 processes (gloo on a CPU), one step."""
+    from conftest import run_entry
+
+    flags = [f for f in original_command_line(toy_world, "reward_canny", tmp_path / "out")
+             if not f.startswith(("--train_batch_size", "--report_to"))]
+    result = run_entry(["accelerate", "launch", "--config_file", "train/config.yml", "--main_process_port=23156",
+                        "train/reward_control.py", *flags, "--train_batch_size=1", "--report_to=none"],
+                       env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=1200)
+    assert "1 per process x 8 processes" in result.stdout + result.stderr
+    log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1] and np.isfinite(log[0]["loss"])
