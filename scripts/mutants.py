@@ -260,6 +260,7 @@ def last_line(output: str) -> str:
 
 
 def main(argv=None) -> int:
+    sys.stdout.reconfigure(line_buffering=True)  # one line per mutant as it finishes, also into a file
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", default=None, help="run mutants whose name contains one of these")
     parser.add_argument("--list", action="store_true", help="print the mutants and exit")
