@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from test_train_e2e import SHORT_RUN, fresh_accelerate_state, load_weights  # noqa: F401 (fixture)
-from test_train_step import build_step_inputs, load_entry, toy_flags
+from test_train_step import load_entry, toy_flags
 
 # bf16 keeps 8 bits of mantissa (~0.4% per rounding); through the toy UNet, VAE and HED the
 # losses move by a few percent at most. A wrong dtype path (e.g. an fp16 overflow, an fp32
