@@ -58,21 +58,50 @@ def test_segmentation_disagreement_is_the_kl_of_the_class_distributions():
 
 
 @pytest.mark.parametrize("key", ["hed", "ade20k"])
-def test_ctrl_u_step_gives_the_controlnet_a_gradient_through_both_timesteps(toy_world, tmp_path, key):
+def test_ctrl_u_step_gives_the_controlnet_a_gradient_through_both_timesteps(toy_world, tmp_path, key, monkeypatch):
+    """The second prediction noises the *same* clean latent with the *same* noise to t + k
+    (x_{t+k} = sqrt(abar) x0 + sqrt(1 - abar) eps, written out here) and the loss has a gradient
+    through it, not only through the first prediction."""
     needs_mmseg(key)
     from utils import training
 
     args, parts, reward_model, batch = build_step_inputs(
         toy_world, key, tmp_path, 3, "--diffusion_loss_weight", "0", "--uncertainty_weighting",
         "--max_timestep_rewarding", "400", "--uncertainty_timestep_offset", "50")
+    calls = []
+    real_controlled_unet = training.controlled_unet
+
+    def recording(parts_, controlnet_, noisy_latents, timesteps, *rest):
+        output = real_controlled_unet(parts_, controlnet_, noisy_latents, timesteps, *rest)
+        call = {"noisy_latents": noisy_latents.detach().clone(), "timesteps": timesteps.clone(), "grad": []}
+        if output.requires_grad:
+            output.register_hook(lambda grad: call["grad"].append(grad))
+        calls.append(call)
+        return output
+
+    monkeypatch.setattr(training, "controlled_unet", recording)
     controlnet = parts.controlnet
     controlnet.zero_grad(set_to_none=True)
+    seen = {}
+    real_predict_noise = training.predict_noise
+    monkeypatch.setattr(training, "predict_noise",
+                        lambda *a, **k: seen.setdefault("prediction", real_predict_noise(*a, **k)))
     out = training.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0), reward_model,
                                  timesteps=torch.tensor([5, 300, 700]))
     assert out.rewarded_fraction == pytest.approx(2 / 3)
     assert out.uncertainty is not None and out.uncertainty > 0  # t and t+50 read differently
     assert torch.isfinite(out.loss) and out.reward_loss.item() > 0
+
+    first, second = calls  # the batch at t, then the rewarded samples at t + 50
+    assert first["timesteps"].tolist() == [5, 300, 700] and second["timesteps"].tolist() == [55, 350]
+    prediction = seen["prediction"]
+    alphas = parts.noise_scheduler.alphas_cumprod.double()[second["timesteps"]].view(-1, 1, 1, 1)
+    x0, eps = prediction.latents[:2].double(), prediction.noise[:2].double()
+    torch.testing.assert_close(second["noisy_latents"].double(), alphas.sqrt() * x0 + (1 - alphas).sqrt() * eps,
+                               rtol=1e-5, atol=1e-5)
     out.loss.backward()
+    for call in (first, second):
+        assert call["grad"] and call["grad"][0].abs().sum().item() > 0, "no gradient through this prediction"
     grad = dict(controlnet.named_parameters())["controlnet_cond_embedding.conv_in.weight"].grad
     assert grad is not None and grad.abs().sum().item() > 0
 

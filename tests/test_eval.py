@@ -180,13 +180,20 @@ def test_eval_fid_matches_clean_fid_on_folders(toy_world, canny_run, tmp_path):
     assert results["num_real_images"] == 12
 
 
-def test_eval_clip_matches_cosine_similarity(toy_world, canny_run):
+def test_eval_clip_matches_cosine_similarity(toy_world, canny_run, tmp_path):
     from transformers import CLIPModel, CLIPProcessor
 
     from eval import eval_clip
     from utils.data import load_dataset_any
 
-    clip = toy_world / "clip"
+    # The toy CLIP's image-text cosines are negative, which CLIP-score clips to 0 on both sides of
+    # a comparison. Negating its text projection flips every cosine: positive scores to compare.
+    clip = tmp_path / "clip"
+    flipped = CLIPModel.from_pretrained(str(toy_world / "clip"))
+    with torch.no_grad():
+        flipped.text_projection.weight.neg_()
+    flipped.save_pretrained(clip)
+    CLIPProcessor.from_pretrained(str(toy_world / "clip")).save_pretrained(clip)
     results = eval_clip.main(["--root_dir", str(canny_run), "--clip_model_name_or_path", str(clip), "--num_workers", "0",
                               "--batch_size", "5"])
     model, processor = CLIPModel.from_pretrained(str(clip)).eval(), CLIPProcessor.from_pretrained(str(clip))
@@ -198,7 +205,9 @@ def test_eval_clip_matches_cosine_similarity(toy_world, canny_run):
         with torch.no_grad():
             output = model(**inputs)
         cosine = torch.nn.functional.cosine_similarity(output.image_embeds, output.text_embeds)
+        assert float(cosine.std()) > 1e-3  # the prompts matter: a mis-paired prompt changes the score
         expected.append(max(float((100 * cosine).mean()), 0.0))
+    assert min(expected) > 1.0, expected  # not 0 == 0
     assert results["per_group"]["clip_score"] == pytest.approx(expected, abs=1e-3)
 
 

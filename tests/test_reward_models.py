@@ -7,6 +7,7 @@ implementation; segmentation also builds the real mmseg configs with random weig
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -475,11 +476,19 @@ def test_real_mmseg_configs_build_and_backpropagate(config):
 
 @needs_mmseg
 def test_mmseg_config_without_cached_checkpoint_names_the_url(tmp_path, monkeypatch):
-    from reward_models.segmentation import model_zoo_url, resolve_segmentation_files
+    from reward_models.segmentation import resolve_segmentation_files
 
     config, url = resolve_segmentation_files("mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py", None)
-    assert url == model_zoo_url(config)
-    assert url.startswith("https://download.openmmlab.com/mmsegmentation/") and "upernet_r50_512x512_160k_ade20k" in url
+    # The model zoo's published checkpoint for the paper's ADE20K reward model, written out here.
+    assert url == ("https://download.openmmlab.com/mmsegmentation/v0.5/upernet/upernet_r50_512x512_160k_ade20k/"
+                   "upernet_r50_512x512_160k_ade20k_20200615_184328-8534de8d.pth")
+    # Not cached and no network: the error names that URL and where to put the file.
+    import torch.hub
+
+    monkeypatch.setenv("CONTROLNETPP_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(RuntimeError, match=r"(?s)" + re.escape(url) + r".*" + re.escape(str(tmp_path))):
+        build_reward_model("segmentation", "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py")
 
 
 def test_depth_hub_id_offline_says_how_to_get_it(monkeypatch):

@@ -57,11 +57,43 @@ def test_the_table_and_results_come_from_the_runs_evaluations(small_experiment):
             assert value["std"] == pytest.approx(statistics.stdev(per_seed))
     table = (out / "table.md").read_text()
     for task in TASKS:
+        entry = on_disk["tasks"][task]
         rows = [line for line in table.splitlines() if line.startswith(f"| {task} (")]
-        assert len(rows) == 2 and all(row.count("±") == 3 for row in rows), rows  # metric and FID rows
+        assert len(rows) == 2, rows  # metric and FID rows
+        # Every cell is the value of results.json, formatted as the table formats it.
+        metric_cells, fid_cells = (row.strip("|").split("|")[2:] for row in rows)
+        for variant, metric_cell, fid_cell in zip(toy_table.VARIANTS, metric_cells, fid_cells):
+            metric, fid = entry["variants"][variant]["metric"], entry["variants"][variant]["fid"]
+            assert metric_cell.strip().strip("*") == f"{metric['mean']:.4g} ± {metric['std']:.2g}"
+            assert fid_cell.strip() == f"{fid['mean']:.4g} ± {fid['std']:.2g}"
     for name in ("reward_loss.png", "metric_over_steps.png", "samples.png"):
         with Image.open(out / name) as image:
             assert image.width > 200 and image.height > 100
+
+
+def _results(rows: dict) -> dict:
+    """A results.json for table_markdown: {task: (higher_is_better, {variant: mean})}."""
+    tasks = {}
+    for task, (higher, means) in rows.items():
+        tasks[task] = {"label": "M", "higher_is_better": higher, "start": {"metric": 1.0, "fid": 1.0},
+                       "variants": {v: {"metric": {"mean": m, "std": 0.1}, "fid": {"mean": 2.0, "std": 0.2}}
+                                    for v, m in means.items()}}
+    return {"size": {"seeds": [0, 1], "variants": ["controlnet", "controlnet_pp", "ctrl_u"], "steps": 3,
+                     "grad_scale_factor": 10.0}, "tasks": tasks}
+
+
+def test_table_bolds_the_best_variant_in_each_direction():
+    from experiments import toy_table
+
+    table = toy_table.table_markdown(_results({
+        "up": (True, {"controlnet": 3.0, "controlnet_pp": 5.0, "ctrl_u": 4.0}),  # higher is better: 5
+        "down": (False, {"controlnet": 3.0, "controlnet_pp": 5.0, "ctrl_u": 4.0}),  # lower is better: 3
+    }))
+    rows = {line.split("(")[0].strip("| "): line for line in table.split("## Image quality")[0].splitlines()
+            if line.startswith(("| up (", "| down ("))}
+    assert rows["up"].count("**") == 2 and "**5 ± 0.1**" in rows["up"]
+    assert rows["down"].count("**") == 2 and "**3 ± 0.1**" in rows["down"]
+    assert "| up (M ↑) | 1 |" in rows["up"] and "| down (M ↓) | 1 |" in rows["down"]
 
 
 def test_each_variant_trained_as_specified(small_experiment):

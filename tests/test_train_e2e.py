@@ -68,7 +68,7 @@ def test_two_processes_train_checkpoint_and_resume_like_an_uninterrupted_run(toy
     checkpoint-3 is in the middle of the second epoch and the resumed run must skip that epoch's
     first 2 batches, not replay them."""
     flags = ["--max_train_samples", "10", "--ema_decay", "0.9", "--learning_rate", "1e-3",
-             "--max_timestep_rewarding", "500"]
+             "--max_timestep_rewarding", "500", "--lr_warmup_steps", "2"]
     env = {"NUM_PROCESSES": "2", "GRAD_ACCUM": "2", "CHECKPOINTING_STEPS": "3", "VALIDATION_STEPS": "4",
            "OMP_NUM_THREADS": "1"}
     whole, part = tmp_path / "uninterrupted", tmp_path / "stopped_and_resumed"
@@ -102,7 +102,9 @@ def test_two_processes_train_checkpoint_and_resume_like_an_uninterrupted_run(toy
     scalars = tensorboard_scalars(whole / "logs")
     for tag in ("loss", "diffusion_loss", "reward_loss", "rewarded_fraction", "lr", "step_time"):
         assert [step for step, _ in scalars[tag]] == [1, 2, 3, 4], tag
-    assert all(value == pytest.approx(1e-3) for _, value in scalars["lr"])
+    # constant_with_warmup over 2 optimizer steps: accelerate steps the scheduler once per process,
+    # so the code asks for 2 x 2 warmup steps; after optimizer step k the lr is 1e-3 * min(1, k / 2).
+    assert [value for _, value in scalars["lr"]] == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3])
     assert_loads_into_pipeline(toy_world, whole)
     assert_loads_into_pipeline(toy_world, whole / "controlnet_ema")
 
@@ -146,6 +148,26 @@ def test_each_task_trains_checkpoints_validates_and_saves(toy_world, tmp_path, f
     grid = np.asarray(__import__("PIL.Image", fromlist=["Image"]).open(out / "validation" / "step-3" / "sample-0.png"))
     columns = 2 if key == "finetune" else 3  # condition | generated (| condition of the generated image)
     assert grid.shape == (64, columns * 64, 3)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in log] == [1, 2, 3]
+    config = json.loads((out / "training_config.json").read_text())
+    for line in log:  # the logged loss is the paper's combination of the logged parts
+        expected = config["diffusion_loss_weight"] * line["diffusion_loss"] + config.get("grad_scale", 0) * line["reward_loss"]
+        assert line["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+        assert line["diffusion_loss"] > 0 and line["rewarded_fraction"] in (0.0, 0.5, 1.0)
+        assert (line["reward_loss"] > 0) == (key != "finetune" and line["rewarded_fraction"] > 0)
+    if key != "finetune":
+        # The third column is the reward model's condition of the generated image, recomputed here.
+        from reward_models import build_reward_model
+
+        task, _, task_flags = TOY_TASKS[key]
+        path = dict(zip(task_flags[::2], task_flags[1::2]))["--reward_model_name_or_path"].format(world=toy_world)
+        reward_model = build_reward_model(task, path)
+        generated = torch.from_numpy(grid[:, 64:128].copy()).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            condition = reward_model.extract_condition(generated)[0].float().clamp(0, 1)
+        expected_column = (condition * 255).round().byte().permute(1, 2, 0).numpy().astype(int)
+        assert (np.abs(expected_column - grid[:, 128:].astype(int)) <= 1).mean() > 0.99
     final, at_two = load_weights(out), load_weights(out / "checkpoint-2" / "controlnet")
     assert any(not torch.equal(final[k], at_two[k]) for k in final), "step 3 did not change the weights"
     assert_loads_into_pipeline(toy_world, out)
@@ -260,11 +282,17 @@ def test_segmentation_reward_starts_from_the_finetune_output(toy_world, tmp_path
     """finetune_<dataset>.sh then reward_<dataset>.sh on its output, as in the paper's two stages."""
     needs_mmseg(dataset)
     finetuned = tmp_path / "finetune"
-    run_launcher(f"finetune_{dataset}", toy_world, finetuned)
+    # A large lr without warm-up, so that the fine-tune moves the weights far from the toy ControlNet.
+    run_launcher(f"finetune_{dataset}", toy_world, finetuned, "--learning_rate", "1e-3", "--lr_warmup_steps", "0")
     out = tmp_path / "reward"
     result = run_launcher(f"reward_{dataset}", toy_world, out, "--controlnet_model_name_or_path", str(finetuned))
     check_launcher_run(f"reward_{dataset}", toy_world, out, result)
-    assert json.loads((out / "training_config.json").read_text())["controlnet_model_name_or_path"] == str(finetuned)
+    # The paper's lr (1e-5, in warm-up) moves the weights by far less than the fine-tune did: the
+    # reward stage ends next to the fine-tune's output, not next to the toy ControlNet.
+    toy, start, end = load_weights(toy_world / "toy-controlnet"), load_weights(finetuned), load_weights(out)
+    moved_by_finetune = max((start[k] - toy[k]).abs().max().item() for k in toy)
+    moved_by_reward = max((end[k] - start[k]).abs().max().item() for k in start)
+    assert moved_by_finetune > 1e-4 and moved_by_reward < 0.1 * moved_by_finetune, (moved_by_finetune, moved_by_reward)
 
 
 def test_nonfinite_losses_skip_the_step_then_stop_with_a_message(toy_world, tmp_path, fresh_accelerate_state,

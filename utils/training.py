@@ -1096,12 +1096,32 @@ def _accumulate(sums: dict, out: StepOutput) -> None:
         sums["uncertainty"] = sums.get("uncertainty", 0.0) + out.uncertainty
 
 
+@contextlib.contextmanager
+def _half_precision_outputs(model):
+    """Run ``model`` without the fp32 output conversion accelerate's prepare() adds under mixed precision.
+
+    In the validation pipeline the ControlNet's fp32 residuals meet the half-precision UNet: CUDA
+    autocast runs GroupNorm in fp32 and copes, CPU autocast does not (bf16 on a CPU raised "mixed
+    dtype"). The original forward, under the pipeline's autocast, returns them in the half dtype.
+    """
+    original = model.__dict__.get("_original_forward")
+    if original is None:  # not prepared with mixed precision
+        yield model
+        return
+    wrapped = model.__dict__["forward"]
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = wrapped
+
+
 def _validate(args, accelerator, parts, unwrapped, ema, inputs, step, reward_model) -> None:
     """Validation with the EMA weights when there is an EMA, swapped in and restored (defect 3)."""
     was_training = unwrapped.training
     unwrapped.eval()
     context = ema.swapped_into(unwrapped) if ema is not None else contextlib.nullcontext()
-    with context:
+    with context, _half_precision_outputs(unwrapped):
         out_dir = log_validation(args, accelerator, parts, unwrapped, inputs, step, reward_model)
     unwrapped.train(was_training)
     logger.info(f"Validation images in {out_dir}")
