@@ -143,6 +143,19 @@ def parse_args(args=None):
     if args.output_dir is None:
         args.output_dir = str(Path("work_dirs/eval_dirs") / Path(args.dataset_name).name / args.dataset_split
                               / f"{args.model_path.replace('/', '_')}_{args.guidance_scale}-{args.num_inference_steps}")
+    try:  # NaN passes every comparison above (--guidance_scale nan turned guidance off)
+        from utils.flags import MAX_RESOLUTION, check_local_path, check_writable_dir, reject_nonfinite, require
+
+        reject_nonfinite(args)
+        require(args, "guidance_scale", low=0)
+        require(args, "resolution", high=MAX_RESOLUTION, why="larger images do not fit in any GPU's memory")
+        require(args, "batch_size", low=1)
+        for flag in ("model_path", "sd_path", "vae_path", "dataset_name"):  # typos: no hub lookup
+            check_local_path(f"--{flag}", getattr(args, flag))
+        check_local_path("--reward_model_name_or_path", args.reward_model_name_or_path, kind="any")
+        check_writable_dir("--output_dir", args.output_dir)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

@@ -173,8 +173,9 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
 
 def looks_like_local_path(name_or_path: str) -> bool:
     """A hub id is `owner/name`; anything else with a path shape is meant as a local path."""
-    text = str(name_or_path)
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+    from utils.flags import looks_local
+
+    return looks_local(str(name_or_path))  # also `work_dirs/x` when work_dirs/ exists
 
 
 def _class_name(folder: Path) -> str | None:

@@ -1,6 +1,7 @@
 """Datasets: local folders written by ``save_to_disk`` or hub ids, and the training transforms."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,10 +22,21 @@ def load_dataset_any(name_or_path: str, split: str | None = None, cache_dir: str
                 f"{path} exists but is not a dataset saved with `save_to_disk` (no dataset_dict.json "
                 "or state.json inside). Pass the folder written by `Dataset.save_to_disk`, or a hub id."
             )
-        ds = datasets.load_from_disk(str(path))
+        split_dir = path / split if split else None
+        if split_dir is not None and (split_dir / "state.json").is_file() and \
+                not json.loads((split_dir / "state.json").read_text()).get("_data_files"):
+            raise ValueError(f"dataset {name_or_path} (split {split}) has no rows; pass a split that has some.")
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except IndexError:  # datasets cannot load a DatasetDict with an empty split: load ours alone
+            if split_dir is None or not (split_dir / "state.json").is_file():
+                raise
+            ds = datasets.load_from_disk(str(split_dir))
     else:
-        if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
-            raise FileNotFoundError(f"dataset folder {name_or_path} does not exist")
+        from utils.flags import looks_local
+
+        if looks_local(name_or_path):  # never a hub lookup for a mistyped local path (work_dirs/x)
+            raise FileNotFoundError(f"dataset folder {name_or_path} does not exist (looked in {Path.cwd()}).")
         ds = datasets.load_dataset(name_or_path, cache_dir=cache_dir)
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
@@ -34,7 +46,9 @@ def load_dataset_any(name_or_path: str, split: str | None = None, cache_dir: str
                 f"dataset {name_or_path} has no split {split!r}; it has {sorted(ds)}. "
                 "Pass one of them (e.g. --dataset_split validation)."
             )
-        return ds[split]
+        ds = ds[split]
+    if len(ds) == 0:  # an empty split crashed inside datasets, or let eval.py write an empty folder
+        raise ValueError(f"dataset {name_or_path} (split {split}) has no rows; pass a split that has some.")
     return ds
 
 

@@ -280,7 +280,62 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError("--label_column is used by reward fine-tuning only; drop it here.")
         if args.diffusion_loss_weight == 0:
             raise ValueError("--diffusion_loss_weight 0 leaves nothing to train without a reward; raise it.")
+    validate_numbers(args)
+    validate_paths(args)
     return args
+
+
+def validate_paths(args: argparse.Namespace) -> None:
+    """Local-looking model and data paths exist (never looked up on the hub), a ControlNet folder has
+    weights, and --output_dir can be written: all before minutes of model loading."""
+    from utils.flags import check_local_path, check_writable_dir
+
+    check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    check_local_path("--tokenizer_name", args.tokenizer_name)
+    check_local_path("--dataset_name", args.dataset_name)
+    for flag in ("reward_model_name_or_path", "condition_detector_path"):
+        check_local_path(f"--{flag}", getattr(args, flag, None), kind="any")
+    for image in args.validation_image or ():
+        check_local_path("--validation_image", image, kind="file")
+    controlnet = args.controlnet_model_name_or_path
+    check_local_path("--controlnet_model_name_or_path", controlnet)
+    if controlnet is not None and Path(controlnet).expanduser().is_dir():
+        folder = Path(controlnet).expanduser()
+        weights = [p.name for p in folder.glob("diffusion_pytorch_model*") if p.suffix in (".safetensors", ".bin", ".json")]
+        if not (folder / "config.json").is_file() or not weights:
+            raise ValueError(f"--controlnet_model_name_or_path {controlnet} is not a diffusers ControlNet folder: it "
+                             f"needs config.json and diffusion_pytorch_model.safetensors; it has "
+                             f"{sorted(p.name for p in folder.iterdir())[:10]}.")
+    check_writable_dir("--output_dir", args.output_dir)
+
+
+def validate_numbers(args: argparse.Namespace) -> None:
+    """Every number flag finite and in its range, before any model loads (issue 16: NaN passed every
+    check above; a negative --learning_rate failed only after loading, without naming the flag)."""
+    from utils.flags import check_resolution, reject_nonfinite, require
+
+    reject_nonfinite(args)
+    check_resolution(args)
+    require(args, "learning_rate", low=0, low_inclusive=False)
+    require(args, "dataloader_num_workers", low=0, high=os.cpu_count() * 4 if os.cpu_count() else None)
+    require(args, "max_train_samples", low=1)
+    require(args, "num_train_epochs", low=1)
+    require(args, "checkpoints_total_limit", low=1, why="0 would delete every checkpoint, the new one too")
+    require(args, "lr_warmup_steps", low=0)
+    require(args, "lr_num_cycles", low=1)
+    for flag in ("adam_beta1", "adam_beta2"):
+        require(args, flag, low=0, high=1, why="an exponential decay rate in [0, 1)")
+        if getattr(args, flag) == 1:
+            raise ValueError(f"--{flag} must be below 1 (1 never forgets the first gradient), got 1.0.")
+    require(args, "adam_weight_decay", low=0)
+    require(args, "adam_epsilon", low=0, low_inclusive=False, why="it keeps Adam's division finite")
+    require(args, "max_grad_norm", low=0, why="0 turns clipping off")
+    require(args, "ema_decay", low=0, high=1)
+    if args.ema_decay == 1:
+        raise ValueError("--ema_decay must be below 1 (1 keeps the initial weights forever), got 1.0.")
+    require(args, "seed", low=0, high=2**63 - 1)
+    if hasattr(args, "guidance_scale"):  # the original release's flag, used by validation only
+        require(args, "guidance_scale", low=0)
 
 
 # --------------------------------------------------------------------------------------------
