@@ -37,6 +37,7 @@ from PIL import Image
 from eval.common import (CONFIG_NAME, annotation_path, condition_path, generated_path, reused, reward_model,
                          row_files, visualization_path)
 from utils.data import load_dataset_any
+from utils.images import to_mode
 from utils.io import save_image, save_json
 
 TASKS = ("canny", "hed", "lineart", "depth", "segmentation")
@@ -237,17 +238,36 @@ def remove_stale_temporaries(output_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def read_example(dataset, row: int, args) -> dict:
+    """``dataset[row]``, its images decoded; an undecodable cell is named by dataset, split, row and column."""
+    try:
+        return dataset[row]
+    except Exception as error:
+        where = f"{args.dataset_name} (split {args.dataset_split}) row {row}"
+        for column in dataset.column_names:  # which cell: decode them one by one (only on this error path)
+            try:
+                dataset.select_columns([column])[row]
+            except Exception as cell_error:
+                raise ValueError(f"{where}, column {column!r}: cannot decode it ({type(cell_error).__name__}: "
+                                 f"{cell_error}). Fix or remove that row, or evaluate fewer rows (--max_samples)."
+                                 ) from error
+        raise ValueError(f"{where}: cannot read it ({type(error).__name__}: {error}).") from error
+
+
 def read_row(dataset, row: int, args) -> dict:
     """Real image, prompt, condition / label images of one row, resized to the resolution."""
-    example = dataset[row]
+    example = read_example(dataset, row, args)
     size = (args.resolution, args.resolution)
     prompt = example[args.prompt_column]
-    if isinstance(prompt, (list, tuple)):  # several captions: the first at evaluation (REFERENCE)
+    if isinstance(prompt, (list, tuple)) and prompt:  # several captions: the first at evaluation (REFERENCE)
         prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ValueError(f"{args.dataset_name} (split {args.dataset_split}) row {row}, column {args.prompt_column!r} "
+                         f"(--prompt_column): expected a caption string or a list of them, got {prompt!r}.")
     # Bicubic as in training and in the original evaluation; labels nearest (no blended classes).
-    item = {"row": row, "prompt": prompt, "image": example[args.image_column].convert("RGB").resize(size, Image.BICUBIC)}
+    item = {"row": row, "prompt": prompt, "image": to_mode(example[args.image_column], "RGB").resize(size, Image.BICUBIC)}
     if args.condition_column:
-        item["condition"] = example[args.condition_column].convert("RGB").resize(size, Image.BICUBIC)
+        item["condition"] = to_mode(example[args.condition_column], "RGB").resize(size, Image.BICUBIC)
     if args.label_column:
         item["label"] = example[args.label_column]
     return item
@@ -264,7 +284,7 @@ def conditions_and_annotations(items: list[dict], annotator, args, device) -> tu
     conditions = np.stack([np.asarray(item["condition"]) for item in items])
     if args.task_name == "depth":
         # The raw control_depth map (channel mean, as the reward's label): eval_depth.py normalises it.
-        label = np.stack([np.asarray(item["label"].convert("RGB").resize(conditions.shape[1:3][::-1], Image.BICUBIC))
+        label = np.stack([np.asarray(to_mode(item["label"], "RGB").resize(conditions.shape[1:3][::-1], Image.BICUBIC))
                           for item in items])
         return conditions, label.astype(np.float32).mean(-1).round().astype(np.uint8)
     from reward_models.segmentation import label_image_to_index

@@ -99,18 +99,10 @@ def _pil_from_value(value, column: str, index: int):
 
 
 def to_rgb(image):
-    """Any PIL mode -> RGB. 16/32-bit grayscale (depth maps) is rescaled to 8 bits, not clipped."""
-    import numpy as np
-    from PIL import Image
+    """Any PIL mode -> RGB, the one conversion of every stage (utils/images.py: 16-bit rescaled)."""
+    from utils.images import to_mode
 
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max()
-        if peak > 255:
-            array = array * (255.0 / peak)
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
-    # L, LA, P, RGBA, CMYK, ...: PIL's conversion keeps the colours and drops alpha.
-    return image.convert("RGB")
+    return to_mode(image, "RGB")
 
 
 class ControlNetRows:

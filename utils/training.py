@@ -865,8 +865,9 @@ def validation_inputs(args, rows: ControlNetRows, reward_model, device) -> list[
     was trained with (the dataset column, or extracted from the image by the reward model).
     """
     import torchvision.transforms.functional as TF
-    from PIL import Image
     from torchvision.transforms import InterpolationMode
+
+    from utils.images import read_image
 
     pairs = []
     if args.validation_image is not None:
@@ -875,7 +876,7 @@ def validation_inputs(args, rows: ControlNetRows, reward_model, device) -> list[
         for k in range(count):
             prompt, image_path = prompts[k % len(prompts)], images[k % len(images)]
             try:
-                image = to_rgb(Image.open(image_path))
+                image = to_rgb(read_image(image_path))
             except Exception as error:
                 raise ValueError(f"--validation_image {image_path}: cannot read it ({error}).") from error
             image = TF.resize(image, args.resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
