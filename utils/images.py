@@ -32,11 +32,10 @@ def to_mode(image, mode: str = "RGB"):
         image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
     elif image.mode in ("P", "PA"):
         image = image.convert("RGBA")  # through the palette (and its transparency), then alpha dropped below
-    if image.mode == mode:
-        return image
     if mode == "L" and image.mode not in ("L", "LA", "1"):
         image = image.convert("RGB")  # CMYK / YCbCr / RGBA: via RGB, so luminance is computed the usual way
-    # L, LA, RGBA, CMYK, ...: PIL's conversion keeps the colours and drops alpha.
+    # L, LA, RGBA, CMYK, ...: PIL's conversion keeps the colours and drops alpha. Always a new,
+    # loaded image (convert copies even within a mode), so it outlives a `with Image.open(...)`.
     return image.convert(mode)
 
 
