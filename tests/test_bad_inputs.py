@@ -151,6 +151,27 @@ def test_evaluation_row_errors_name_dataset_split_row_and_column():
                                  "string or a list of them, got 3.")
 
 
+def test_training_row_errors_name_dataset_split_row_and_column(toy_world):
+    import datasets
+    from transformers import CLIPTokenizer
+
+    from utils.data import ControlNetRows
+
+    tokenizer = CLIPTokenizer.from_pretrained(toy_world / "toy-sd15", subfolder="tokenizer")
+    good = png_bytes(np.zeros((8, 8, 3), np.uint8))
+    dataset = datasets.Dataset.from_dict(
+        {"image": [{"bytes": good, "path": None}, {"bytes": good[:40], "path": None}], "text": ["a", "b"]},
+        features=datasets.Features({"image": datasets.Image(), "text": datasets.Value("string")}))
+    rows = ControlNetRows(dataset, tokenizer, 8, "image", "text", dataset_name="toy-set (train)")
+    with pytest.raises(ValueError, match=re.escape("toy-set (train): row 1 of column 'image': cannot read the image (")):
+        rows[1]
+    numbers = datasets.Dataset.from_dict({"image": [{"bytes": good, "path": None}], "text": [7]})
+    rows = ControlNetRows(numbers, tokenizer, 8, "image", "text", dataset_name="toy-set (train)")
+    with pytest.raises(ValueError, match=re.escape("toy-set (train): row 0 of column 'text': expected a string or a "
+                                                   "list of strings, got int.")):
+        rows.caption(0)
+
+
 def test_an_empty_split_is_named(tmp_path):
     import datasets
 

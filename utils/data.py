@@ -71,7 +71,7 @@ def require_columns(dataset, columns: dict[str, str | None], dataset_name: str) 
             )
 
 
-def _pil_from_value(value, column: str, index: int):
+def _pil_from_value(value, column: str, index: int, dataset_name: str | None = None):
     """Decode one stored image cell (datasets ``Image`` with decode=False, a path, an array, a PIL image)."""
     import io
 
@@ -92,7 +92,7 @@ def _pil_from_value(value, column: str, index: int):
         image.load()  # decode now: a truncated file must fail here, where the row is known
     except Exception as error:
         raise ValueError(
-            f"row {index} of column {column!r}: cannot read the image ({type(error).__name__}: {error}). "
+            f"{dataset_name + ': ' if dataset_name else ''}row {index} of column {column!r}: cannot read the image ({type(error).__name__}: {error}). "
             "Fix or remove that row (e.g. dataset.filter, then save_to_disk) and pass the fixed dataset."
         ) from error
     return image
@@ -158,6 +158,7 @@ class ControlNetRows:
         self.image_column, self.caption_column = image_column, caption_column
         self.conditioning_image_column, self.label_column = conditioning_image_column, label_column
         self.label_from_image = label_from_image
+        self.dataset_name = dataset_name  # "<name> (<split>)": row errors name dataset, split, row and column
         self.train = train
         self.seed = seed
         self.dropouts = (image_condition_dropout, text_condition_dropout, all_condition_dropout)
@@ -179,11 +180,11 @@ class ControlNetRows:
         value = self.dataset[index][self.caption_column]
         if isinstance(value, (list, tuple)):
             if not value or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"row {index} of column {self.caption_column!r}: expected a string or a non-empty "
+                raise ValueError(f"{self.dataset_name}: row {index} of column {self.caption_column!r}: expected a string or a non-empty "
                                  f"list of strings, got {value!r}.")
             return value[int(rng.integers(len(value)))] if rng is not None else value[0]
         if not isinstance(value, str):
-            raise ValueError(f"row {index} of column {self.caption_column!r}: expected a string or a list of "
+            raise ValueError(f"{self.dataset_name}: row {index} of column {self.caption_column!r}: expected a string or a list of "
                              f"strings, got {type(value).__name__}. Pass the right --caption_column.")
         return value
 
@@ -194,7 +195,7 @@ class ControlNetRows:
 
         rng = self._rng(index) if self.train else None
         row = self.dataset[index]
-        image = to_rgb(_pil_from_value(row[self.image_column], self.image_column, index))
+        image = to_rgb(_pil_from_value(row[self.image_column], self.image_column, index, self.dataset_name))
         image = TF.resize(image, self.resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
         width, height = image.size
         if rng is not None:
@@ -208,11 +209,12 @@ class ControlNetRows:
 
         out = {"pixel_values": crop(TF.to_tensor(image) * 2.0 - 1.0), "index": index}
         if self.conditioning_image_column is not None:
-            condition = to_rgb(_pil_from_value(row[self.conditioning_image_column], self.conditioning_image_column, index))
+            condition = to_rgb(_pil_from_value(row[self.conditioning_image_column], self.conditioning_image_column, index,
+                                                    self.dataset_name))
             condition = TF.resize(condition, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
             out["conditioning_pixel_values"] = crop(TF.to_tensor(condition))
         if self.label_column is not None:
-            label_image = _pil_from_value(row[self.label_column], self.label_column, index)
+            label_image = _pil_from_value(row[self.label_column], self.label_column, index, self.dataset_name)
             label = torch.from_numpy(self.label_from_image(label_image)).long()
             label = TF.resize(label[None], [height, width], interpolation=InterpolationMode.NEAREST)[0]
             out["labels"] = crop(label)
