@@ -339,7 +339,20 @@ def main(args=None) -> dict:
     if any(row.image is not None for row in rows) and args.task is None:
         raise InferenceError("rows with an `image` need --task to extract their condition.")
     output_dir = Path(args.output_dir)
+    from utils.run_lock import OutputDirBusy, RunLock
 
+    try:
+        lock = RunLock(output_dir).acquire()  # one writer per folder: a second run refuses, naming the first
+    except OutputDirBusy as error:
+        raise InferenceError(str(error)) from None
+    try:
+        return generate_rows(args, rows, output_dir, device, dtype)
+    finally:
+        lock.release()
+
+
+def generate_rows(args, rows: list[Row], output_dir: Path, device, dtype) -> dict:
+    """Generate every row not already done in ``output_dir``; counts {"generated", "skipped"}."""
     task = args.task
     controlnet_path = resolve_controlnet_path(args.controlnet_path, task)  # fails fast, before SD loads
     models = ModelCache(args.sd_path, {task: controlnet_path}, {task: args.reward_model_name_or_path},

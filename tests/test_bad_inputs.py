@@ -285,6 +285,21 @@ def test_generate_inputs_are_named(fake_world, tmp_path, capsys):
     assert f"--output_dir {tmp_path / 'gen-file'} is a file" in parser_error(parse_args, argv, capsys)
 
 
+def test_a_second_generate_on_a_busy_output_dir_refuses_naming_the_first(fake_world, tmp_path):
+    from inference.common import InferenceError
+    from inference.generate import main, parse_args
+    from test_reliability import hold_lock
+
+    holder = hold_lock(tmp_path / "gen")
+    try:
+        with pytest.raises(InferenceError, match=rf"--output_dir {tmp_path / 'gen'} is in use by another run \(pid "
+                                                 rf"{holder.pid} on "):
+            main(parse_args(generate_argv(fake_world, tmp_path, "--image", str(tmp_path / "in.png"))))
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_generate_sd_path_that_looks_local(fake_world, tmp_path, monkeypatch):
     from inference.common import InferenceError, resolve_sd_path
 
