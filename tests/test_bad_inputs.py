@@ -300,6 +300,21 @@ def test_a_second_generate_on_a_busy_output_dir_refuses_naming_the_first(fake_wo
         holder.wait()
 
 
+def test_a_failing_generate_rerun_leaves_the_finished_runs_config_alone(fake_world, toy_world, tmp_path):
+    """The toy Stable Diffusion loads, the ControlNet (empty weights file) fails when the first row
+    needs it, after the run's settings are known: the earlier run's generate_config.json stays."""
+    from inference.generate import main, parse_args
+
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "generate_config.json").write_text('{"finished": true}\n')
+    argv = generate_argv({**fake_world, "sd": toy_world / "toy-sd15"}, tmp_path, "--image", str(tmp_path / "in.png"),
+                         "--device", "cpu", "--resolution", "64")
+    with pytest.raises(Exception, match="controlnet"):
+        main(parse_args(argv))
+    assert (tmp_path / "gen" / "generate_config.json").read_text() == '{"finished": true}\n'
+    assert (tmp_path / "gen" / ".run.lock").read_text() == ""  # released on the way out
+
+
 def test_generate_sd_path_that_looks_local(fake_world, tmp_path, monkeypatch):
     from inference.common import InferenceError, resolve_sd_path
 
