@@ -37,6 +37,7 @@ from PIL import Image
 from eval.common import (CONFIG_NAME, annotation_path, condition_path, generated_path, reused, reward_model,
                          row_files, visualization_path)
 from utils.data import load_dataset_any
+from utils.images import to_mode
 from utils.io import save_image, save_json
 
 TASKS = ("canny", "hed", "lineart", "depth", "segmentation")
@@ -148,6 +149,19 @@ def parse_args(args=None):
     if args.output_dir is None:
         args.output_dir = str(Path("work_dirs/eval_dirs") / Path(args.dataset_name).name / args.dataset_split
                               / f"{args.model_path.replace('/', '_')}_{args.guidance_scale}-{args.num_inference_steps}")
+    try:  # NaN passes every comparison above (--guidance_scale nan turned guidance off)
+        from utils.flags import MAX_RESOLUTION, check_local_path, check_writable_dir, reject_nonfinite, require
+
+        reject_nonfinite(args)
+        require(args, "guidance_scale", low=0)
+        require(args, "resolution", high=MAX_RESOLUTION, why="larger images do not fit in any GPU's memory")
+        require(args, "batch_size", low=1)
+        for flag in ("model_path", "sd_path", "vae_path", "dataset_name"):  # typos: no hub lookup
+            check_local_path(f"--{flag}", getattr(args, flag))
+        check_local_path("--reward_model_name_or_path", args.reward_model_name_or_path, kind="any")
+        check_writable_dir("--output_dir", args.output_dir)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -224,17 +238,36 @@ def remove_stale_temporaries(output_dir: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def read_example(dataset, row: int, args) -> dict:
+    """``dataset[row]``, its images decoded; an undecodable cell is named by dataset, split, row and column."""
+    try:
+        return dataset[row]
+    except Exception as error:
+        where = f"{args.dataset_name} (split {args.dataset_split}) row {row}"
+        for column in dataset.column_names:  # which cell: decode them one by one (only on this error path)
+            try:
+                dataset.select_columns([column])[row]
+            except Exception as cell_error:
+                raise ValueError(f"{where}, column {column!r}: cannot decode it ({type(cell_error).__name__}: "
+                                 f"{cell_error}). Fix or remove that row, or evaluate fewer rows (--max_samples)."
+                                 ) from error
+        raise ValueError(f"{where}: cannot read it ({type(error).__name__}: {error}).") from error
+
+
 def read_row(dataset, row: int, args) -> dict:
     """Real image, prompt, condition / label images of one row, resized to the resolution."""
-    example = dataset[row]
+    example = read_example(dataset, row, args)
     size = (args.resolution, args.resolution)
     prompt = example[args.prompt_column]
-    if isinstance(prompt, (list, tuple)):  # several captions: the first at evaluation (REFERENCE)
+    if isinstance(prompt, (list, tuple)) and prompt:  # several captions: the first at evaluation (REFERENCE)
         prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ValueError(f"{args.dataset_name} (split {args.dataset_split}) row {row}, column {args.prompt_column!r} "
+                         f"(--prompt_column): expected a caption string or a list of them, got {prompt!r}.")
     # Bicubic as in training and in the original evaluation; labels nearest (no blended classes).
-    item = {"row": row, "prompt": prompt, "image": example[args.image_column].convert("RGB").resize(size, Image.BICUBIC)}
+    item = {"row": row, "prompt": prompt, "image": to_mode(example[args.image_column], "RGB").resize(size, Image.BICUBIC)}
     if args.condition_column:
-        item["condition"] = example[args.condition_column].convert("RGB").resize(size, Image.BICUBIC)
+        item["condition"] = to_mode(example[args.condition_column], "RGB").resize(size, Image.BICUBIC)
     if args.label_column:
         item["label"] = example[args.label_column]
     return item

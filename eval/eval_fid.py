@@ -29,6 +29,7 @@ from PIL import Image
 from eval.common import (benchmark_name, generated_path, load_config, require_complete, resolve_device, reused,
                          write_results)
 from utils import metrics
+from utils.images import to_mode
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -67,9 +68,9 @@ class CleanResized(torch.utils.data.Dataset):
             self.resize = build_resizer("clean")
         if self.paths is not None:
             with Image.open(self.paths[i]) as image:
-                array = np.asarray(image.convert("RGB"))
+                array = np.asarray(to_mode(image, "RGB"))
         else:
-            array = np.asarray(self.dataset[self.rows[i]][self.column].convert("RGB"))
+            array = np.asarray(to_mode(self.dataset[self.rows[i]][self.column], "RGB"))
         resized = self.resize(array)  # float32 (299, 299, 3) in 0..255, or uint8
         return torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).permute(2, 0, 1)
 

@@ -52,6 +52,7 @@ from inference.common import (
     resize_image,
     resolve_controlnet_path,
 )
+from utils.images import to_mode
 
 DEFAULT_TOY_DIR = "work_dirs/toy"
 TAB_TITLES = {
@@ -126,7 +127,7 @@ class Demo:
         """The ControlNet input for an uploaded image (None while no image is uploaded)."""
         if image is None:
             return None
-        image = resize_image(image.convert("RGB"), generation_size(*image.size, int(resolution)))
+        image = resize_image(to_mode(image, "RGB"), generation_size(*image.size, int(resolution)))
         with self.models.lock:
             return extract_condition(self.models.annotator(task, canny_low, canny_high), image)
 

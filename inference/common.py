@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from utils.images import to_mode
 from utils.io import hstack_images
 
 TASKS = ("canny", "hed", "lineart", "depth", "segmentation")
@@ -134,14 +135,14 @@ def load_image(path: str | os.PathLike, what: str = "image") -> Image.Image:
         raise InferenceError(f"{what}: {path} does not exist" + (" (it is a folder)." if path.is_dir() else "."))
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_mode(image, "RGB")  # 16-bit, palette, CMYK, alpha: as training reads them
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise InferenceError(f"{what}: cannot read {path} as an image ({error}); pass a PNG or JPEG file.") from error
 
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> (1, 3, H, W) float32 in [0, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.asarray(to_mode(image, "RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
 
 
@@ -174,8 +175,9 @@ def make_grid(images: list[Image.Image]) -> Image.Image:
 
 def looks_like_local_path(name_or_path: str) -> bool:
     """A hub id is `owner/name`; anything else with a path shape is meant as a local path."""
-    text = str(name_or_path)
-    return text.startswith((".", "/", "~")) or text.count("/") > 1 or os.sep != "/" and os.sep in text
+    from utils.flags import looks_local
+
+    return looks_local(str(name_or_path))  # also `work_dirs/x` when work_dirs/ exists
 
 
 def _class_name(folder: Path) -> str | None:

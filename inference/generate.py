@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: utils
 import argparse
 import csv
 import hashlib
+import io
 import json
 import time
 from dataclasses import dataclass
@@ -153,7 +154,25 @@ def parse_args(args=None) -> argparse.Namespace:
                      f"({args.canny_high_threshold}) must satisfy 0 < low <= high < 1.")
     if args.seed < 0:
         parser.error(f"--seed must be >= 0, got {args.seed}.")
+    try:
+        check_sampling_numbers(args)
+        from utils.flags import check_writable_dir
+
+        check_writable_dir("--output_dir", args.output_dir)
+    except ValueError as error:
+        parser.error(str(error))
     return args
+
+
+def check_sampling_numbers(args) -> None:
+    """Finite numbers and bounded work (a typo like --resolution 100000 ran unbounded)."""
+    from utils.flags import MAX_RESOLUTION, reject_nonfinite, require
+
+    reject_nonfinite(args)
+    require(args, "resolution", high=MAX_RESOLUTION, why="larger images do not fit in any GPU's memory")
+    require(args, "guidance_scale", low=0)
+    require(args, "num_images", high=64, why="images per row; run more rows instead")
+    require(args, "steps", high=1000, why="the scheduler has 1000 training timesteps")
 
 
 @dataclass
@@ -197,7 +216,11 @@ def rows_from_folder(folder: Path, prompt: str | None) -> list[Row]:
                 "rename one of them.")
         seen[path.stem] = path
         caption = path.with_suffix(".txt")
-        row_prompt = caption.read_text().strip() if caption.is_file() else prompt
+        try:
+            row_prompt = caption.read_text(encoding="utf-8").strip() if caption.is_file() else prompt
+        except UnicodeDecodeError as error:
+            raise InferenceError(f"--input_dir {folder}: caption {caption.name} is not UTF-8 text ({error}); "
+                                 "save it as UTF-8.") from error
         if not row_prompt:
             raise InferenceError(f"no prompt for {path}: add {caption.name} next to it or pass --prompt.")
         rows.append(Row(path.stem, row_prompt, image=path, where=f"--input_dir {folder}"))
@@ -208,12 +231,15 @@ def rows_from_list(list_file: Path, default_prompt: str | None) -> list[Row]:
     """CSV (header row) or JSONL rows with `image` or `condition`, and `prompt` (or `text`)."""
     if not list_file.is_file():
         raise InferenceError(f"--input_list {list_file} does not exist.")
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise InferenceError(f"--input_list {list_file} is not UTF-8 text ({error}); save it as UTF-8.") from error
     if list_file.suffix.lower() == ".csv":
-        with open(list_file, newline="") as f:
-            records = list(csv.DictReader(f))
+        records = list(csv.DictReader(io.StringIO(text, newline="")))
     else:
         records = []
-        for number, line in enumerate(list_file.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -310,12 +336,28 @@ def main(args=None) -> dict:
     device, dtype = choose_device_and_dtype(args.device, args.dtype)
     rows = read_rows(args)
     for row in rows:  # all inputs checked before minutes of model loading
+        if row.source.is_dir():
+            raise InferenceError(f"{row.where}: {row.source} is a folder, not an image file"
+                                 + (" (pass it as --input_dir)." if row.where == "--image" else "."))
         if not row.source.is_file():
             raise InferenceError(f"{row.where}: {row.source} does not exist.")
     if any(row.image is not None for row in rows) and args.task is None:
         raise InferenceError("rows with an `image` need --task to extract their condition.")
     output_dir = Path(args.output_dir)
+    from utils.run_lock import OutputDirBusy, RunLock
 
+    try:
+        lock = RunLock(output_dir).acquire()  # one writer per folder: a second run refuses, naming the first
+    except OutputDirBusy as error:
+        raise InferenceError(str(error)) from None
+    try:
+        return generate_rows(args, rows, output_dir, device, dtype)
+    finally:
+        lock.release()
+
+
+def generate_rows(args, rows: list[Row], output_dir: Path, device, dtype) -> dict:
+    """Generate every row not already done in ``output_dir``; counts {"generated", "skipped"}."""
     task = args.task
     controlnet_path = resolve_controlnet_path(args.controlnet_path, task)  # fails fast, before SD loads
     models = ModelCache(args.sd_path, {task: controlnet_path}, {task: args.reward_model_name_or_path},
@@ -338,7 +380,6 @@ def main(args=None) -> dict:
     if task == "canny":
         settings["canny_low_threshold"] = args.canny_low_threshold
         settings["canny_high_threshold"] = args.canny_high_threshold
-    save_json({**settings, "device": str(device)}, output_dir / "generate_config.json")
 
     counts = {"generated": 0, "skipped": 0}
     for number, row in enumerate(rows, start=1):
@@ -350,6 +391,8 @@ def main(args=None) -> dict:
             continue
         start = time.perf_counter()
         inputs, condition, images = generate_row(row, models, args, task)
+        if counts["generated"] == 0:  # once models loaded and a row worked: a failing re-run leaves it alone
+            save_json({**settings, "device": str(device)}, output_dir / "generate_config.json")
         save_image(condition, paths["condition"])
         for image, path in zip(images, paths["images"]):
             save_image(image, path)

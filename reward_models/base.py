@@ -11,10 +11,14 @@ Loading policy (what is trusted):
   globals their ``meta`` dict uses (see ``load_state_dict_file``); nothing else.
 - mmengine checkpoints written by a training run also pickle logging objects (e.g.
   ``message_hub`` with ``HistoryBuffer``s, whose pickles call ``getattr``), which no allow-list
-  can admit safely. For those, and only after the weights_only load refused them, a
+  can admit safely. For those (segmentation checkpoints only: plain state dicts such as HED's
+  and line drawing's have no fallback), and only after the weights_only load refused them, a
   restricted unpickler reads the file: the same trusted globals (tensor rebuilding, numpy,
   OrderedDict) resolve to the real objects, every other global to an inert placeholder that
-  runs nothing; only the ``state_dict`` tensors are kept.
+  runs nothing; BUILD (which sets state with ``setattr``) is refused on anything the file did
+  not create itself (a class, function or module it imported), so a crafted file cannot patch
+  e.g. ``collections.Counter.most_common`` for the rest of the process; only the
+  ``state_dict`` tensors are kept.
 - A URL is downloaded with ``torch.hub.download_url_to_file`` into a cache folder only when the
   file is not already cached there; without network the error names the file and the URL.
 """
@@ -142,17 +146,35 @@ def _trusted_globals() -> dict[str, object]:
     return trusted
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+_SHARED_KINDS = (type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType,
+                 types.MethodDescriptorType, types.WrapperDescriptorType)
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
     """Resolves trusted globals only; every other global becomes ``_InertObject``.
 
-    Pickles can only run code through globals they import (``find_class``), so replacing
-    every untrusted global by an inert class makes the load free of side effects.
+    Pickles run code through the globals they import (``find_class``) and through BUILD, which
+    calls ``setattr`` / ``__setstate__`` on the object below it on the stack. Replacing every
+    untrusted global by an inert class removes the first; refusing BUILD on imported objects
+    (classes, functions, modules: process-wide state) removes the second. The pure-Python
+    unpickler is used because the C one cannot intercept BUILD; this path is the rare fallback.
     """
 
     trusted: dict[str, object] = {}
 
     def find_class(self, module: str, name: str):
         return self.trusted.get(f"{module}.{name}", _InertObject)
+
+    def load_build(self):
+        target = self.stack[-2]
+        if isinstance(target, _SHARED_KINDS) or any(target is obj for obj in self.trusted.values()):
+            raise pickle.UnpicklingError(
+                f"refused: the file sets attributes of {getattr(target, '__qualname__', type(target).__name__)}, "
+                "an object it did not create (a checkpoint may only set the state of its own objects).")
+        super().load_build()
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def _restricted_load(path) -> object:
@@ -165,7 +187,8 @@ def _restricted_load(path) -> object:
     return torch.load(str(path), map_location="cpu", weights_only=False, pickle_module=restricted_pickle)
 
 
-def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
+def load_state_dict_file(path: str | os.PathLike, what: str, mmengine_checkpoint: bool = False
+                         ) -> dict[str, torch.Tensor]:
     """Read a checkpoint safely (see the module docstring) and return its flat state dict.
 
     Accepts a plain state dict (HED, line drawing), or an mmengine checkpoint
@@ -177,6 +200,12 @@ def load_state_dict_file(path: str | os.PathLike, what: str) -> dict[str, torch.
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as refused:
+        if not mmengine_checkpoint:  # a plain state dict holds nothing weights_only refuses
+            reason = next((line.strip() for line in str(refused).splitlines() if "Unsupported global" in line),
+                          str(refused).splitlines()[0] if str(refused) else "")
+            raise RuntimeError(f"The {what} at {path} holds objects other than tensors, which torch.load("
+                               f"weights_only=True) refused ({reason}); it is not a plain state dict. Pass the "
+                               "published file, or re-save its tensors with torch.save(state_dict).") from refused
         # An object outside the allow-list (mmengine logging state, ...): read the file again
         # with every such object made inert, and keep nothing but the tensors.
         try:

@@ -14,7 +14,9 @@ with Mask2Former Swin-L (ADE20K) and DeepLabV3-R101-d8 (COCO-Stuff); any mmseg c
 Loading (what is trusted): the checkpoint is read with ``torch.load(weights_only=True)`` and
 only numpy arrays/scalars allow-listed for mmengine's ``meta``; training-state objects
 (``message_hub``) are read inert by base's restricted unpickler, never executed (see
-``base.load_state_dict_file``). The weights load with ``load_state_dict(strict=True)``. mmengine's ``load_checkpoint`` is not used: it
+``base.load_state_dict_file``). The config, though, is Python that mmengine executes: every
+default is an ``mmseg::`` config of the installed package; a config file or a folder's
+``config.py`` is run only when passed explicitly (a warning names it). The weights load with ``load_state_dict(strict=True)``. mmengine's ``load_checkpoint`` is not used: it
 fails on these checkpoints under torch>=2.6. Backbone ``init_cfg``/``pretrained`` entries are
 dropped, so building never downloads ImageNet weights.
 
@@ -24,6 +26,7 @@ upsampling of logits in the reward step.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Mapping
 
@@ -176,6 +179,12 @@ class SegmentationRewardModel(RewardModel):
         from mmseg.utils import register_all_modules
 
         config_path, checkpoint = resolve_segmentation_files(name_or_path, checkpoint)
+        if not str(name_or_path).startswith("mmseg::"):
+            # mmengine configs are Python: reading one runs it. Only the user's own flag gets here
+            # (every default is an mmseg:: config of the installed package), and it is said aloud.
+            logging.getLogger(__name__).warning(
+                f"Running {config_path}: mmengine configs are Python code, executed when loaded. Load only "
+                "segmentation folders and configs you trust.")
         cfg = Config.fromfile(str(config_path))
         if label_format is None:
             dataset_type = _dataset_type(cfg)
@@ -192,7 +201,7 @@ class SegmentationRewardModel(RewardModel):
         if checkpoint is not None:
             path = resolve_checkpoint_file(checkpoint, f"segmentation checkpoint for {config_path.name}",
                                            flag="--reward_model_checkpoint")
-            state_dict = load_state_dict_file(path, "segmentation checkpoint")
+            state_dict = load_state_dict_file(path, "segmentation checkpoint", mmengine_checkpoint=True)
             load_state_dict_strict(segmentor, state_dict, "segmentation checkpoint", path)
         return cls(segmentor, cfg, label_format)
 

@@ -293,7 +293,7 @@ def test_checkpoint_loading_never_runs_pickled_code(tmp_path, legacy_format):
                   "hook": CodeRunningObject(marker), "state_dict": state_dict}
     path = tmp_path / "checkpoint.pth"
     torch.save(checkpoint, path, _use_new_zipfile_serialization=not legacy_format)
-    loaded = load_state_dict_file(path, "test checkpoint")
+    loaded = load_state_dict_file(path, "test checkpoint", mmengine_checkpoint=True)
     assert not marker.exists()
     assert set(loaded) == {"weight", "half"}  # DataParallel prefix stripped
     assert torch.equal(loaded["weight"], state_dict["module.weight"]) and loaded["half"].dtype == torch.bfloat16

@@ -1,6 +1,7 @@
 """Datasets: local folders written by ``save_to_disk`` or hub ids, and the training transforms."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -26,10 +27,21 @@ def load_dataset_any(name_or_path: str, split: str | None = None, cache_dir: str
         if config_name is not None:
             raise ValueError(f"--dataset_config_name {config_name} is for hub datasets; {path} is a local folder "
                              "written by save_to_disk, which has no configurations. Drop the flag.")
-        ds = datasets.load_from_disk(str(path))
+        split_dir = path / split if split else None
+        if split_dir is not None and (split_dir / "state.json").is_file() and \
+                not json.loads((split_dir / "state.json").read_text()).get("_data_files"):
+            raise ValueError(f"dataset {name_or_path} (split {split}) has no rows; pass a split that has some.")
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except IndexError:  # datasets cannot load a DatasetDict with an empty split: load ours alone
+            if split_dir is None or not (split_dir / "state.json").is_file():
+                raise
+            ds = datasets.load_from_disk(str(split_dir))
     else:
-        if name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").replace("/", "", 1):
-            raise FileNotFoundError(f"dataset folder {name_or_path} does not exist")
+        from utils.flags import looks_local
+
+        if looks_local(name_or_path):  # never a hub lookup for a mistyped local path (work_dirs/x)
+            raise FileNotFoundError(f"dataset folder {name_or_path} does not exist (looked in {Path.cwd()}).")
         ds = datasets.load_dataset(name_or_path, config_name, cache_dir=cache_dir)
     if isinstance(ds, datasets.DatasetDict):
         if split is None:
@@ -39,7 +51,9 @@ def load_dataset_any(name_or_path: str, split: str | None = None, cache_dir: str
                 f"dataset {name_or_path} has no split {split!r}; it has {sorted(ds)}. "
                 "Pass one of them (e.g. --dataset_split validation)."
             )
-        return ds[split]
+        ds = ds[split]
+    if len(ds) == 0:  # an empty split crashed inside datasets, or let eval.py write an empty folder
+        raise ValueError(f"dataset {name_or_path} (split {split}) has no rows; pass a split that has some.")
     return ds
 
 
@@ -62,7 +76,7 @@ def require_columns(dataset, columns: dict[str, str | None], dataset_name: str) 
             )
 
 
-def _pil_from_value(value, column: str, index: int):
+def _pil_from_value(value, column: str, index: int, dataset_name: str | None = None):
     """Decode one stored image cell (datasets ``Image`` with decode=False, a path, an array, a PIL image)."""
     import io
 
@@ -83,25 +97,17 @@ def _pil_from_value(value, column: str, index: int):
         image.load()  # decode now: a truncated file must fail here, where the row is known
     except Exception as error:
         raise ValueError(
-            f"row {index} of column {column!r}: cannot read the image ({type(error).__name__}: {error}). "
+            f"{dataset_name + ': ' if dataset_name else ''}row {index} of column {column!r}: cannot read the image ({type(error).__name__}: {error}). "
             "Fix or remove that row (e.g. dataset.filter, then save_to_disk) and pass the fixed dataset."
         ) from error
     return image
 
 
 def to_rgb(image):
-    """Any PIL mode -> RGB. 16/32-bit grayscale (depth maps) is rescaled to 8 bits, not clipped."""
-    import numpy as np
-    from PIL import Image
+    """Any PIL mode -> RGB, the one conversion of every stage (utils/images.py: 16-bit rescaled)."""
+    from utils.images import to_mode
 
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        peak = array.max()
-        if peak > 255:
-            array = array * (255.0 / peak)
-        image = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8), mode="L")
-    # L, LA, P, RGBA, CMYK, ...: PIL's conversion keeps the colours and drops alpha.
-    return image.convert("RGB")
+    return to_mode(image, "RGB")
 
 
 RESIZE_MODES = ("squash", "center_crop", "random_crop")
@@ -180,6 +186,7 @@ class ControlNetRows:
         self.image_column, self.caption_column = image_column, caption_column
         self.conditioning_image_column, self.label_column = conditioning_image_column, label_column
         self.label_from_image = label_from_image
+        self.dataset_name = dataset_name  # "<name> (<split>)": row errors name dataset, split, row and column
         self.train = train
         self.seed = seed
         self.dropouts = (image_condition_dropout, text_condition_dropout, all_condition_dropout)
@@ -201,11 +208,11 @@ class ControlNetRows:
         value = self.dataset[index][self.caption_column]
         if isinstance(value, (list, tuple)):
             if not value or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"row {index} of column {self.caption_column!r}: expected a string or a non-empty "
+                raise ValueError(f"{self.dataset_name}: row {index} of column {self.caption_column!r}: expected a string or a non-empty "
                                  f"list of strings, got {value!r}.")
             return value[int(rng.integers(len(value)))] if rng is not None else value[0]
         if not isinstance(value, str):
-            raise ValueError(f"row {index} of column {self.caption_column!r}: expected a string or a list of "
+            raise ValueError(f"{self.dataset_name}: row {index} of column {self.caption_column!r}: expected a string or a list of "
                              f"strings, got {type(value).__name__}. Pass the right --caption_column.")
         return value
 
@@ -252,15 +259,16 @@ class ControlNetRows:
         rng = self._rng(index) if self.train else None
         row = self.dataset[index]
         resize = self._resize_and_crop(rng)
-        image = to_rgb(_pil_from_value(row[self.image_column], self.image_column, index))
+        image = to_rgb(_pil_from_value(row[self.image_column], self.image_column, index, self.dataset_name))
         # (x - 0.5) / 0.5 exactly as torchvision's Normalize([0.5], [0.5]) computes it (the
         # original's transform), not 2x - 1, which rounds differently in the last bit.
         out = {"pixel_values": (resize(image, self.resize_interpolation) - 0.5) / 0.5, "index": index}
         if self.conditioning_image_column is not None:
-            condition = to_rgb(_pil_from_value(row[self.conditioning_image_column], self.conditioning_image_column, index))
+            condition = to_rgb(_pil_from_value(row[self.conditioning_image_column], self.conditioning_image_column, index,
+                                                    self.dataset_name))
             out["conditioning_pixel_values"] = resize(condition, self.resize_interpolation)
         if self.label_column is not None:
-            label_image = _pil_from_value(row[self.label_column], self.label_column, index)
+            label_image = _pil_from_value(row[self.label_column], self.label_column, index, self.dataset_name)
             if self.label_from_resized is not None:
                 out["labels"] = self.label_from_resized(resize(to_rgb(label_image), self.resize_interpolation)).long()
             else:

@@ -80,10 +80,15 @@ class ModelEMA:
         from safetensors.torch import load_file
 
         in_dir = Path(in_dir)
-        if not (in_dir / WEIGHTS_FILE).is_file():
+        if not in_dir.is_dir():
             raise FileNotFoundError(
-                f"{in_dir / WEIGHTS_FILE} is missing: this checkpoint was saved without --use_ema. "
+                f"{in_dir} is missing: this checkpoint was saved without --use_ema. "
                 "Resume without --use_ema, or from a checkpoint saved with it."
+            )
+        if not (in_dir / WEIGHTS_FILE).is_file():  # the folder exists: its write was cut short
+            raise FileNotFoundError(
+                f"{in_dir / WEIGHTS_FILE} is missing although {in_dir.name}/ exists: the checkpoint is incomplete "
+                "(its write was interrupted). Resume from an earlier checkpoint."
             )
         weights = load_file(str(in_dir / WEIGHTS_FILE))
         missing = sorted(set(self.shadow) - set(weights))

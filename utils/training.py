@@ -34,7 +34,7 @@ from utils.data import (RESIZE_INTERPOLATIONS, RESIZE_MODES, ControlNetRows, col
 from utils.diffusion import diffusion_target, masked_mean_reward, reward_window_mask, single_step_x0
 from reward_models.base import per_sample_mean
 from utils.ema import ModelEMA
-from utils.io import hstack_images, save_image, save_json, vstack_images
+from utils.io import atomic_write, hstack_images, save_image, save_json, vstack_images
 
 logger = logging.getLogger("controlnet_pp.train")
 
@@ -379,7 +379,65 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise ValueError("--label_column is used by reward fine-tuning only; drop it here.")
         if args.diffusion_loss_weight == 0:
             raise ValueError("--diffusion_loss_weight 0 leaves nothing to train without a reward; raise it.")
+    validate_numbers(args)
+    validate_paths(args)
     return args
+
+
+def validate_paths(args: argparse.Namespace) -> None:
+    """Local-looking model and data paths exist (never looked up on the hub), a ControlNet folder has
+    weights, and --output_dir can be written: all before minutes of model loading."""
+    from utils.flags import check_local_path, check_writable_dir
+
+    check_local_path("--pretrained_model_name_or_path", args.pretrained_model_name_or_path)
+    check_local_path("--tokenizer_name", args.tokenizer_name)
+    check_local_path("--dataset_name", args.dataset_name)
+    for flag in ("reward_model_name_or_path", "condition_detector_path"):
+        check_local_path(f"--{flag}", getattr(args, flag, None), kind="any")
+    for image in args.validation_image or ():
+        check_local_path("--validation_image", image, kind="file")
+    controlnet = args.controlnet_model_name_or_path
+    check_local_path("--controlnet_model_name_or_path", controlnet)
+    if controlnet is not None and Path(controlnet).expanduser().is_dir():
+        folder = Path(controlnet).expanduser()
+        weights = [p.name for p in folder.glob("diffusion_pytorch_model*") if p.suffix in (".safetensors", ".bin", ".json")]
+        if not (folder / "config.json").is_file() or not weights:
+            raise ValueError(f"--controlnet_model_name_or_path {controlnet} is not a diffusers ControlNet folder: it "
+                             f"needs config.json and diffusion_pytorch_model.safetensors; it has "
+                             f"{sorted(p.name for p in folder.iterdir())[:10]}.")
+    check_writable_dir("--output_dir", args.output_dir)
+
+
+def validate_numbers(args: argparse.Namespace) -> None:
+    """Every number flag finite and in its range, before any model loads (issue 16: NaN passed every
+    check above; a negative --learning_rate failed only after loading, without naming the flag)."""
+    from utils.flags import check_resolution, reject_nonfinite, require
+
+    reject_nonfinite(args)
+    check_resolution(args)
+    require(args, "learning_rate", low=0, low_inclusive=False)
+    require(args, "dataloader_num_workers", low=0, high=os.cpu_count() * 4 if os.cpu_count() else None)
+    require(args, "max_train_samples", low=1)
+    require(args, "num_train_epochs", low=1)
+    require(args, "checkpoints_total_limit", low=1, why="0 would delete every checkpoint, the new one too")
+    require(args, "lr_warmup_steps", low=0)
+    require(args, "lr_num_cycles", low=1)
+    for flag in ("adam_beta1", "adam_beta2"):
+        require(args, flag, low=0, high=1, why="an exponential decay rate in [0, 1)")
+        if getattr(args, flag) == 1:
+            raise ValueError(f"--{flag} must be below 1 (1 never forgets the first gradient), got 1.0.")
+    require(args, "adam_weight_decay", low=0)
+    require(args, "adam_epsilon", low=0, low_inclusive=False, why="it keeps Adam's division finite")
+    require(args, "max_grad_norm", low=0, why="0 turns clipping off")
+    require(args, "ema_decay", low=0, high=1)
+    if args.ema_decay == 1:
+        raise ValueError("--ema_decay must be below 1 (1 keeps the initial weights forever), got 1.0.")
+    require(args, "seed", low=0, high=2**63 - 1)
+    if hasattr(args, "guidance_scale"):  # the original release's flags, used by validation only
+        require(args, "guidance_scale", low=0)
+        require(args, "controlnet_conditioning_scale", low=0)
+        for flag in ("control_guidance_start", "control_guidance_end"):
+            require(args, flag, low=0, high=1, why="a fraction of the sampling steps")
 
 
 # --------------------------------------------------------------------------------------------
@@ -753,6 +811,17 @@ def config_dict(args) -> dict:
     return {key: value for key, value in sorted(vars(args).items())}
 
 
+# A checkpoint is written into ``.checkpoint-<N>.incomplete/`` and renamed to ``checkpoint-<N>/``
+# only once every file of every process is in it: a folder under the final name is complete
+# whatever moment a kill or a full disk struck (a half-written checkpoint used to be taken as
+# ``latest`` and crash the resume). The leading dot keeps it out of ``checkpoint-*`` globs.
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def incomplete_checkpoint_path(output_dir: str | Path, global_step: int) -> Path:
+    return Path(output_dir) / f".checkpoint-{global_step}{INCOMPLETE_SUFFIX}"
+
+
 def checkpoint_step(path: str | Path) -> int:
     match = re.fullmatch(r"checkpoint-(\d+)", Path(path).name)
     if match is None:
@@ -761,12 +830,42 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """checkpoint-<N> folders of ``output_dir``, oldest first."""
+    """checkpoint-<N> folders of ``output_dir``, oldest first (complete by construction, see above)."""
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
     found = [p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
     return sorted(found, key=checkpoint_step)
+
+
+def list_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Checkpoint folders whose write was interrupted (kill, full disk); never resumed from."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    pattern = r"\.checkpoint-\d+" + re.escape(INCOMPLETE_SUFFIX)
+    return sorted(p for p in output_dir.iterdir() if p.is_dir() and re.fullmatch(pattern, p.name))
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> None:
+    """Remove what a killed run left half-written: incomplete checkpoints and atomic_write temporaries
+    (``.<name>.<random>.tmp``, e.g. of a validation grid). Call it only while holding the run lock:
+    then no live process is writing them."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return
+    for replaced in output_dir.glob(".checkpoint-*.replaced"):  # killed while replacing a checkpoint
+        original = output_dir / replaced.name[1:].removesuffix(".replaced")
+        if original.exists():
+            shutil.rmtree(replaced)
+        else:
+            os.rename(replaced, original)  # the complete old one is better than none
+    for folder in list_incomplete_checkpoints(output_dir):
+        logger.info(f"Removing {folder}: a checkpoint write that did not finish (killed, or the disk was full).")
+        shutil.rmtree(folder)
+    for temporary in output_dir.rglob(".*.tmp"):
+        if temporary.is_file():
+            temporary.unlink()
 
 
 def register_checkpoint_hooks(accelerator, args, ema: ModelEMA | None) -> None:
@@ -800,16 +899,44 @@ def register_checkpoint_hooks(accelerator, args, ema: ModelEMA | None) -> None:
 
 
 def save_checkpoint(accelerator, args, global_step: int) -> Path:
-    """checkpoint-<step>/ with model, EMA, optimizer, lr scheduler, sampler, RNG states and config."""
+    """checkpoint-<step>/ with model, EMA, optimizer, lr scheduler, sampler, RNG states and config.
+
+    Written into ``.checkpoint-<step>.incomplete/`` by every process, renamed by the main process
+    once all have finished; only then are old checkpoints removed for --checkpoints_total_limit
+    (removing them first left nothing to resume from when the write was killed).
+    """
     output_dir = Path(args.output_dir)
-    if accelerator.is_main_process and args.checkpoints_total_limit is not None:
-        existing = list_checkpoints(output_dir)
-        for old in existing[: max(0, len(existing) - args.checkpoints_total_limit + 1)]:
-            logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
-            shutil.rmtree(old)
+    path, partial = output_dir / f"checkpoint-{global_step}", incomplete_checkpoint_path(output_dir, global_step)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    path = output_dir / f"checkpoint-{global_step}"
-    accelerator.save_state(str(path))
+    try:
+        accelerator.save_state(str(partial))
+    except OSError as error:
+        raise OSError(error.errno, f"writing checkpoint-{global_step} into {partial} failed ({error}); the "
+                                   f"checkpoints already in {output_dir} are intact and the next run with "
+                                   f"--resume_from_checkpoint latest continues from the newest of them "
+                                   f"(free some space first if the disk is full).") from error
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if path.exists():  # the same step saved by an earlier attempt: replace it, never merge into it
+            stale = output_dir / f".checkpoint-{global_step}.replaced"
+            if stale.exists():
+                shutil.rmtree(stale)
+            os.rename(path, stale)
+            os.rename(partial, path)
+            shutil.rmtree(stale)
+        else:
+            os.rename(partial, path)
+        if args.checkpoints_total_limit is not None:
+            existing = list_checkpoints(output_dir)
+            for old in existing[: max(0, len(existing) - args.checkpoints_total_limit)]:
+                logger.info(f"Removing {old} (--checkpoints_total_limit {args.checkpoints_total_limit}).")
+                # Renamed out of the checkpoint-<N> namespace first: a kill during the removal
+                # leaves a hidden folder, never a half-deleted checkpoint-<N> taken as latest.
+                doomed = output_dir / f".{old.name}{INCOMPLETE_SUFFIX}"
+                os.rename(old, doomed)
+                shutil.rmtree(doomed)
     accelerator.wait_for_everyone()
     logger.info(f"Saved {path}")
     return path
@@ -820,6 +947,8 @@ def resolve_resume_path(args) -> Path | None:
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
+        for skipped in list_incomplete_checkpoints(args.output_dir):
+            logger.warning(f"Skipping {skipped}: its write did not finish (the run was killed or the disk was full).")
         checkpoints = list_checkpoints(args.output_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(args.resume_from_checkpoint)
@@ -828,6 +957,41 @@ def resolve_resume_path(args) -> Path | None:
     if not path.is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist.")
     return path
+
+
+def truncate_train_log(output_dir: str | Path, global_step: int) -> None:
+    """Keep the train_log.jsonl lines of steps <= ``global_step`` (where training resumes): a killed
+    run logged steps after its last checkpoint that the resumed run logs again."""
+    log = Path(output_dir) / TRAIN_LOG_FILE
+    if not log.is_file():
+        return
+    kept = []
+    for line in log.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= global_step:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by the kill
+    atomic_write(log, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
+def save_final_model(unwrapped, ema, output_dir: str | Path) -> None:
+    """The ControlNet in diffusers format in ``output_dir`` (and the EMA in controlnet_ema/), each
+    file written whole into a temporary folder and moved into place, so a kill leaves either the
+    previous file or the new one, never a truncated one."""
+    output_dir = Path(output_dir)
+    staging = output_dir / f".final{INCOMPLETE_SUFFIX}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    unwrapped.save_pretrained(staging)
+    if ema is not None:
+        ema.save_pretrained(unwrapped, staging / EMA_SUBFOLDER)
+    for source in sorted(staging.rglob("*"), key=lambda p: len(p.parts)):
+        if source.is_file():
+            target = output_dir / source.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+    shutil.rmtree(staging)
 
 
 # --------------------------------------------------------------------------------------------
@@ -843,8 +1007,9 @@ def validation_inputs(args, rows: ControlNetRows, reward_model, device) -> list[
     was trained with (the dataset column, or extracted from the image by the reward model).
     """
     import torchvision.transforms.functional as TF
-    from PIL import Image
     from torchvision.transforms import InterpolationMode
+
+    from utils.images import read_image
 
     pairs = []
     if args.validation_image is not None:
@@ -853,7 +1018,7 @@ def validation_inputs(args, rows: ControlNetRows, reward_model, device) -> list[
         for k in range(count):
             prompt, image_path = prompts[k % len(prompts)], images[k % len(images)]
             try:
-                image = to_rgb(Image.open(image_path))
+                image = to_rgb(read_image(image_path))
             except Exception as error:
                 raise ValueError(f"--validation_image {image_path}: cannot read it ({error}).") from error
             image = TF.resize(image, args.resolution, interpolation=InterpolationMode.BICUBIC, antialias=True)
@@ -955,6 +1120,40 @@ def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, 
     folder itself (``ControlNetModel.from_pretrained(output_dir)``) and, with --use_ema, the EMA
     weights in ``controlnet_ema/``.
     """
+    lock = lock_output_dir(accelerator, args)  # before anything is written there
+    try:
+        _train(args, accelerator, parts, rows, reward_model)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def lock_output_dir(accelerator, args):
+    """The main process takes --output_dir's run lock (utils/run_lock.py) and clears what a killed
+    run left half-written; every process raises if another run holds it."""
+    from accelerate.utils import broadcast_object_list
+
+    from utils.run_lock import RunLock
+
+    lock, refusal = None, [None]
+    if accelerator.is_main_process:
+        try:
+            lock = RunLock(args.output_dir).acquire()
+        except (RuntimeError, OSError) as error:
+            refusal = [str(error)]
+        else:
+            if lock.previous:
+                logger.warning(f"{args.output_dir}: the previous run (pid {lock.previous.get('pid')}) ended without "
+                               "releasing its lock (killed?); continuing from what it saved.")
+            remove_stale_temporaries(args.output_dir)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(refusal)
+    if refusal[0] is not None:
+        raise RuntimeError(refusal[0])
+    return lock
+
+
+def _train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, reward_model=None) -> None:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -968,9 +1167,6 @@ def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, 
                                 / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    if accelerator.is_main_process:  # after --scale_lr and --max_train_steps are resolved
-        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-        save_json(config_dict(args), Path(args.output_dir) / CONFIG_FILE)
     # accelerate steps the lr scheduler once per process, hence the factor (as diffusers does).
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
@@ -998,6 +1194,11 @@ def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, 
         skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
     elif args.resume_from_checkpoint == "latest":
         logger.info(f"No checkpoint in {args.output_dir}; starting from step 0.")
+    if accelerator.is_main_process:
+        truncate_train_log(args.output_dir, global_step)
+        # Written once the run is about to train (after --scale_lr and --max_train_steps are
+        # resolved): a re-run that fails while loading leaves the finished run's config as it was.
+        save_json(config_dict(args), Path(args.output_dir) / CONFIG_FILE)
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(f"{len(rows)} rows, {num_epochs} epochs, {args.max_train_steps} steps of {total_batch} samples "
@@ -1075,9 +1276,7 @@ def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, 
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(args.output_dir)
-        if ema is not None:
-            ema.save_pretrained(unwrapped, Path(args.output_dir) / EMA_SUBFOLDER)
+        save_final_model(unwrapped, ema, args.output_dir)
         logger.info(f"Saved the final ControlNet to {args.output_dir}"
                     + (f" and its EMA to {Path(args.output_dir) / EMA_SUBFOLDER}" if ema is not None else ""))
     accelerator.end_training()
