@@ -143,7 +143,7 @@ def test_dataset_config_name_reaches_load_dataset_and_is_refused_for_a_local_fol
 
     def fake_load_dataset(name, config_name=None, **kwargs):
         seen.update(name=name, config_name=config_name)
-        return datasets.Dataset.from_dict({"image": [], "text": []})
+        return datasets.Dataset.from_dict({"text": ["a row"]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     load_dataset_any("someone/dataset", "train", config_name="subset")
