@@ -180,7 +180,7 @@ def our_metrics(root: Path, workers: int) -> float:
     torch.set_num_threads(workers)
     try:
         start = time.perf_counter()
-        edge_main(["--root_dir", str(root), "--reference_scoring", "--num_workers", str(workers), "--batch_size", "8"])
+        edge_main(["--root_dir", str(root), "--num_workers", str(workers), "--batch_size", "8"])
         return time.perf_counter() - start
     finally:
         torch.set_num_threads(threads)

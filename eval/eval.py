@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from eval.common import (CONFIG_NAME, annotation_path, condition_path, generated_path, reused, reward_model,
-                         row_files, visualization_path)
+from eval.common import (CONFIG_NAME, annotation_path, condition_path, full_float32, generated_path, reused,
+                         reward_model, row_files, visualization_path)
 from utils.data import load_dataset_any
 from utils.images import to_mode
 from utils.io import save_image, save_json
@@ -108,7 +108,7 @@ def parse_args(args=None):
     parser.add_argument("--generation_resolution", type=int, default=None,
                         help="generate at this size and upsample (bicubic) to --resolution, where conditions, "
                              "annotations and metrics stay; for models trained smaller than a metric needs "
-                             "(the toy world's 64 px models: MS-SSIM needs images over 160 px). Default: --resolution")
+                             "(the toy world's 64 px models: MS-SSIM needs images of at least 176 px). Default: --resolution")
     parser.add_argument("--negative_prompt", default="worst quality, low quality")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--max_samples", type=int, default=None, help="evaluate only the first N rows")
@@ -315,6 +315,7 @@ def visualization(condition: np.ndarray, real: np.ndarray, generated: np.ndarray
 
 def main(args=None):
     args = parse_args(args)
+    full_float32()
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm

@@ -26,8 +26,8 @@ import argparse
 
 import torch
 
-from eval.common import (RowDataset, benchmark_name, load_config, require_complete, resolve_device, reward_model,
-                         row_loader, write_results)
+from eval.common import (RowDataset, benchmark_name, full_float32, load_config, require_complete,
+                         require_original_protocol, resolve_device, reward_model, row_loader, write_results)
 from utils import metrics
 
 DEFAULT_EVAL_MODEL = "Intel/dpt-large"
@@ -60,16 +60,16 @@ def dpt_processor(name_or_path: str):
     return DPTImageProcessor.from_pretrained(str(name_or_path))
 
 
-def paper_depth_maps(predicted: torch.Tensor, resolution: int) -> torch.Tensor:
-    """(N, h, w) predicted depth -> (N, R, R) uint8 maps as the original's eval.py wrote them:
-    ``to_pil_image(x / x.max())`` (truncation), then PIL's bilinear resize, read back as grey."""
+def paper_depth_maps(predicted: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(N, h, w) predicted depth -> (N, H, W) uint8 maps (``size`` = (W, H)) as the original's eval.py
+    wrote them: ``to_pil_image(x / x.max())`` (truncation), then PIL's bilinear resize, read as grey."""
     import numpy as np
     from PIL import Image
 
     maps = []
     for depth in predicted.float().cpu():
         levels = (depth / depth.max()).mul(255).byte().numpy()
-        image = Image.fromarray(levels, mode="L").convert("RGB").resize((resolution, resolution), Image.BILINEAR)
+        image = Image.fromarray(levels).convert("RGB").resize(tuple(size), Image.BILINEAR)
         maps.append(torch.from_numpy(np.asarray(image.convert("L")).copy()))
     return torch.stack(maps)
 
@@ -88,11 +88,13 @@ def depth_rmse(prediction: torch.Tensor, label: torch.Tensor, paper: bool) -> to
 
 def main(args=None):
     args = parse_args(args)
+    full_float32()
     import numpy as np
     from PIL import Image
     from tqdm.auto import tqdm
 
     config = load_config(args.root_dir)
+    require_original_protocol(args.root_dir, config)
     if config["task_name"] != "depth":
         raise ValueError(f"{args.root_dir} holds a {config['task_name']!r} run; eval_depth.py scores depth runs.")
     num_groups = int(config["num_groups"])
@@ -117,7 +119,7 @@ def main(args=None):
         predicted = torch.cat(predictions)
         label = batch["annotation"][:, None].expand(b, g, h, w).reshape(b * g, h, w)
         groups = torch.arange(g).repeat(b)
-        paper.update(depth_rmse(paper_depth_maps(predicted, h), label, paper=True), groups)
+        paper.update(depth_rmse(paper_depth_maps(predicted, (w, h)), label, paper=True), groups)
         upsampled = torch.nn.functional.interpolate(predicted[:, None].float(), size=(h, w), mode="bilinear",
                                                     align_corners=False)[:, 0]
         corrected.update(depth_rmse(upsampled.cpu(), label.float() / 255.0, paper=False), groups)

@@ -28,7 +28,8 @@ import argparse
 
 import torch
 
-from eval.common import RowDataset, annotation_path, benchmark_name, load_config, require_complete, resolve_device, row_loader, write_results
+from eval.common import (RowDataset, annotation_path, benchmark_name, full_float32, load_config, require_complete,
+                         require_original_protocol, resolve_device, row_loader, write_results)
 from utils import metrics
 
 EDGE_TASKS = ("canny", "hed", "lineart")
@@ -89,9 +90,11 @@ def metrics_size(root_dir, row: int) -> tuple[int, int]:
 
 def main(args=None):
     args = parse_args(args)
+    full_float32()
     from tqdm.auto import tqdm
 
     config = load_config(args.root_dir)
+    require_original_protocol(args.root_dir, config)
     task, num_groups = config["task_name"], int(config["num_groups"])
     if task not in EDGE_TASKS:
         raise ValueError(f"{args.root_dir} holds a {task!r} run; eval_edge.py scores {EDGE_TASKS} "

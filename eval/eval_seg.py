@@ -33,8 +33,8 @@ import argparse
 
 import torch
 
-from eval.common import (RowDataset, benchmark_name, load_config, require_complete, resolve_device, reward_model,
-                         row_loader, write_results)
+from eval.common import (RowDataset, benchmark_name, full_float32, load_config, require_complete, resolve_device,
+                         reward_model, row_loader, write_results)
 from reward_models.segmentation import keep_ratio_size
 from utils import metrics
 
@@ -64,6 +64,7 @@ def parse_args(args=None):
 
 def main(args=None):
     args = parse_args(args)
+    full_float32()
     from tqdm.auto import tqdm
 
     config = load_config(args.root_dir)

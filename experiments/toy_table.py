@@ -32,7 +32,7 @@ Toy-scale settings that differ from the paper's, and why (all in TOY_SETTINGS / 
 long, instead of SD1.5 at 1e-5 for 10k steps); the paper's grad_scale of each task times TOY_GRAD_SCALE_FACTOR (the toy
 reward losses are small next to the toy diffusion loss: with the paper's weight alone canny F1
 moved by +0.1, with 10x by +1.1 in a pilot run); no gradient checkpointing (tiny models). HED and
-line drawing are scored by MS-SSIM, which needs images over 160 px: they are generated at 64 px
+line drawing are scored by MS-SSIM, which needs images of at least 176 px: they are generated at 64 px
 and upsampled to 192 px (eval.py --generation_resolution) before their maps are extracted.
 """
 from __future__ import annotations

@@ -98,9 +98,15 @@ class HEDRewardModel(RewardModel):
 
     @torch.no_grad()
     def condition_uint8(self, images: torch.Tensor) -> torch.Tensor:
-        """The map as the original's evaluation stored it: its detector returned
-        ``uint8(clip(p * 255)) / 255`` and ``to_pil_image`` wrote ``(that * 255).byte()``, i.e. the
-        map truncated to uint8 (the second step gives back every level k exactly in float32; kept
-        as written so the code reads as the original's computation)."""
-        levels = (self(images).float() * 255.0).clip(0, 255).to(torch.uint8)
+        """The map as the original's evaluation stored it: its detector fused the side outputs as
+        ``1 / (1 + exp(-mean))`` over a stack on dim 1 (written out here: ``torch.sigmoid`` and another
+        stacking order can differ in the last bit, which truncation turns into a level), returned
+        ``uint8(clip(p * 255)) / 255``, and ``to_pil_image`` wrote ``(that * 255).byte()``: the map
+        truncated to uint8 (the second step gives back every level k exactly in float32)."""
+        self._check_images(images)
+        height, width = images.shape[-2:]
+        side_outputs = self.network((images.to(self.dtype) * 255.0).clamp(0, 255))
+        side_outputs = [F.interpolate(side, size=(height, width), mode="bilinear") for side in side_outputs]
+        fused = 1 / (1 + torch.exp(-torch.mean(torch.stack(side_outputs, dim=1), dim=1)))
+        levels = (fused.float() * 255.0).clip(0, 255).to(torch.uint8)
         return ((levels / 255.0) * 255).to(torch.uint8).repeat(1, 3, 1, 1)

@@ -128,10 +128,11 @@ def test_original_extra_flags_are_accepted_and_mean_something(toy_world, tmp_pat
         + ["--proportion_empty_prompts=0.1", "--min_train_timesteps=10", "--max_train_timesteps=900"])
     assert (stage_one.text_condition_dropout, stage_one.timestep_sampling_start,
             stage_one.timestep_sampling_end) == (0.1, 10, 900)
+    # The original's stage one read the value as a column name (only its reward stage had the sentinel).
     canny_stage_one = load_entry("train_controlnet").parse_args(
         [a for a in original_command_line(toy_world, "finetune_ade20k", tmp_path / "ft")
          if not a.startswith("--conditioning_image_column")] + ["--conditioning_image_column=canny"])
-    assert canny_stage_one.condition_detector == "canny" and canny_stage_one.conditioning_image_column is None
+    assert canny_stage_one.condition_detector is None and canny_stage_one.conditioning_image_column == "canny"
 
 
 def test_dataset_config_name_reaches_load_dataset_and_is_refused_for_a_local_folder(toy_world, monkeypatch):
@@ -312,6 +313,10 @@ def test_canny_evaluation_and_inference_edges_are_kornia_hysteresis():
     expected = kornia.filters.canny(image, 0.1, 0.2)[1]
     annotated = build_reward_model("canny").annotate(image)
     assert torch.equal(annotated, expected.expand(-1, 3, -1, -1)) and set(annotated.unique().tolist()) <= {0.0, 1.0}
+    square = torch.zeros(1, 3, 16, 16)
+    square[..., 4:12, 4:12] = 1.0
+    # kornia 0.7 / 0.8 (the original's) drop both pixels of a tie across an edge: 26 edge pixels; 0.9 keeps 28.
+    assert int(build_reward_model("canny").annotate(square)[0, 0].sum()) == 26
     assert torch.equal(CannyAnnotator(0.1, 0.2).annotate(image), annotated)
     other = kornia.filters.canny(image, 0.3, 0.5)[1]
     assert torch.equal(CannyAnnotator(0.3, 0.5).annotate(image), other.expand(-1, 3, -1, -1))
@@ -352,9 +357,24 @@ EFFECTIVE_WARMUP = {"reward_canny": 0, "reward_hed": 5, "reward_linedrawing": 5,
 def test_launchers_pass_the_originals_effective_warmup(tmp_path, name):
     """The original's flag F, times its accumulation (4), over the 8 processes that each stepped the
     scheduler: F * 4 / 8 optimizer steps."""
+    from diffusers.optimization import get_scheduler
+
+    def steps_to_full_lr(num_warmup_steps: int, processes: int = 8) -> int:
+        """Optimizer steps until the lr reaches its value, accelerate stepping the scheduler once per process."""
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        scheduler = get_scheduler("constant_with_warmup", optimizer=optimizer, num_warmup_steps=num_warmup_steps)
+        steps = 0
+        while scheduler.get_last_lr()[0] < 1.0:
+            for _ in range(processes):
+                scheduler.step()
+            steps += 1
+        return steps
+
     original_flag = int(next(f for f in ORIGINAL_COMMAND_LINES[name][2] if f.startswith("--lr_warmup_steps="))
                         .split("=")[1])
-    assert EFFECTIVE_WARMUP[name] == original_flag * 4 // 8
+    # The original: flag x accumulation (4) scheduler steps; ours (utils/training.py): flag x processes.
+    assert steps_to_full_lr(original_flag * 4) == EFFECTIVE_WARMUP[name]
+    assert steps_to_full_lr(EFFECTIVE_WARMUP[name] * 8) == EFFECTIVE_WARMUP[name]
     fake = tmp_path / "bin"
     fake.mkdir()
     python = fake / "python"  # stands in for the interpreter the launcher runs: records its arguments
@@ -386,3 +406,19 @@ def test_original_launch_line_with_its_accelerate_config(toy_world, tmp_path):
     assert "1 per process x 8 processes" in result.stdout + result.stderr
     log = [json.loads(line) for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in log] == [1] and np.isfinite(log[0]["loss"])
+
+
+def test_resuming_a_checkpoint_made_with_other_data_settings_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from utils.training import check_resumed_data_settings
+
+    checkpoint = tmp_path / "checkpoint-500"
+    checkpoint.mkdir()
+    (checkpoint / "training_config.json").write_text(json.dumps({"max_train_steps": 10000}))  # before the change
+    args = SimpleNamespace(resize_mode="squash", resize_interpolation="bicubic", palette_labels="map_then_resize")
+    with pytest.raises(ValueError, match=r"--resize_mode random_crop there, squash now\). Pass --resize_mode "
+                                         r"random_crop to continue it as it was"):
+        check_resumed_data_settings(args, checkpoint)
+    args.resize_mode = "random_crop"
+    check_resumed_data_settings(args, checkpoint)  # the same settings: continues

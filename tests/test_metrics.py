@@ -110,6 +110,10 @@ def test_ms_ssim_matches_numpy_implementation():
 def test_ms_ssim_refuses_small_images():
     with pytest.raises(ValueError, match="192"):
         metrics.ms_ssim(torch.rand(1, 1, 160, 160), torch.rand(1, 1, 160, 160))
+    with pytest.raises(ValueError, match="H // 16 > 10"):  # torchmetrics refuses 161..175 px too
+        metrics.ms_ssim(torch.rand(1, 1, 168, 200), torch.rand(1, 1, 168, 200), crop_ssim_border=True)
+    assert torch.isfinite(metrics.ms_ssim(torch.rand(1, 1, 176, 176), torch.rand(1, 1, 176, 176),
+                                          crop_ssim_border=True)).all()
 
 
 def test_psnr_by_hand():

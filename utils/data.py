@@ -237,18 +237,21 @@ class ControlNetRows:
             if self.resize_mode == "squash":
                 resized = TF.resize(value, [size, size], interpolation=mode, antialias=True)
                 return resized if isinstance(resized, torch.Tensor) else TF.to_tensor(resized)
-            resized = TF.resize(value, size, interpolation=mode, antialias=True)
+            if self.resize_mode == "center_crop":  # each input from its own size, as the original's stage one
+                resized = TF.resize(value, size, interpolation=mode, antialias=True)
+                tensor = resized if isinstance(resized, torch.Tensor) else TF.to_tensor(resized)
+                return TF.center_crop(tensor, [size, size])
+            # random_crop: the image's shorter side to ``size``; the condition and label resized to the
+            # image's resized size (so a condition of another size stays aligned), one shared crop.
+            target = offsets.get("size", size)
+            resized = TF.resize(value, target, interpolation=mode, antialias=True)
             tensor = resized if isinstance(resized, torch.Tensor) else TF.to_tensor(resized)
             height, width = tensor.shape[-2:]
-            if self.resize_mode == "center_crop" or rng is None:
-                return TF.center_crop(tensor, [size, size])
-            if not offsets:
-                offsets["top"] = int(rng.integers(height - size + 1))
-                offsets["left"] = int(rng.integers(width - size + 1))
+            if "size" not in offsets:
+                offsets["size"] = [height, width]
+                offsets["top"] = int(rng.integers(height - size + 1)) if rng is not None else (height - size) // 2
+                offsets["left"] = int(rng.integers(width - size + 1)) if rng is not None else (width - size) // 2
             top, left = offsets["top"], offsets["left"]
-            if top + size > height or left + size > width:
-                raise ValueError(f"the condition or label of a row is smaller than its image after resizing "
-                                 f"({height}x{width}); give them the image's size or use --resize_mode squash.")
             return tensor[..., top : top + size, left : left + size]
 
         return apply

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 # The original release replaced an infinite PSNR (identical images) by 100 dB before averaging;
 # without a cap a single identical pair makes the mean infinite.
 PSNR_CAP_DB = 100.0
-# torchmetrics' MS-SSIM (5 scales, kernel 11) needs images larger than (11 - 1) * 2 ** 4 px.
-MS_SSIM_MIN_SIZE = 160
+# torchmetrics' MS-SSIM (5 scales, kernel 11) refuses images with H // 16 <= 10, i.e. up to 175 px:
+# its coarsest scale must hold an 11 x 11 window (and the paper protocol's border crop must leave
+# something of it: at 161..175 px it would leave an empty map, a NaN).
+MS_SSIM_MIN_SIZE = 175
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,7 +136,7 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor, crop_ssim_border: bool = F
     The paper's settings, torchmetrics' ``multiscale_structural_similarity_index_measure``
     defaults, which the original release called: data range 1, Gaussian kernel 11 (sigma 1.5),
     5 scales with the standard betas, negative terms clipped to 0 ("relu"); 2x2 average pooling
-    between scales. Needs H, W > 160 (the 5th scale must still hold an 11x11 kernel).
+    between scales. Needs H, W >= 176, as torchmetrics (H // 16 > 10).
     ``crop_ssim_border=True`` is torchmetrics <= 1.4.1's definition (the paper protocol): the
     coarsest scale's SSIM map is averaged without its 5-pixel border; False is torchmetrics >= 1.4.2.
     The arithmetic is torchmetrics' own, so the values equal its (the float rounding of a
@@ -143,7 +145,8 @@ def ms_ssim(pred: torch.Tensor, target: torch.Tensor, crop_ssim_border: bool = F
     if min(pred.shape[-2:]) <= MS_SSIM_MIN_SIZE:
         raise ValueError(
             f"MS-SSIM with 5 scales and an 11x11 kernel needs images larger than {MS_SSIM_MIN_SIZE} px, got "
-            f"{tuple(pred.shape[-2:])}; generate at --resolution 192 or more for hed/lineart."
+            f"{tuple(pred.shape[-2:])} (torchmetrics requires H // 16 > 10); generate at --resolution 192 or more "
+            "for hed/lineart."
         )
     pred, target = pred.float(), target.float()
     terms = []

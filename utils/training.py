@@ -211,9 +211,10 @@ def _boolean(value: str) -> bool:
 def _resolve_original_flags(args: argparse.Namespace, reward: bool) -> None:
     """Give the original release's spellings their meaning here (its command lines run unchanged).
 
-    - ``--conditioning_image_column canny|hed|lineart`` was the original's sentinel for "compute the
-      condition from the image with that detector": the reward stage then computes it on the fly
-      (the value must be the task), stage one uses it as ``--condition_detector``.
+    - ``--conditioning_image_column canny|hed|lineart`` was the original reward stage's sentinel for
+      "compute the condition from the image with that detector": it is computed on the fly here too
+      (the value must be the task). The original's stage one read the value as a column name, and so
+      does ``train_controlnet.py`` (``--condition_detector`` computes a condition there).
     - stage one's ``--proportion_empty_prompts`` / ``--min_train_timesteps`` / ``--max_train_timesteps``
       are ``--text_condition_dropout`` / ``--timestep_sampling_start`` / ``--timestep_sampling_end``.
     - ``--max_val_samples`` is ``--num_validation_rows``.
@@ -221,18 +222,12 @@ def _resolve_original_flags(args: argparse.Namespace, reward: bool) -> None:
       shorter side + centre crop + bilinear in stage one).
     """
     column = args.conditioning_image_column
-    if column in CONDITION_DETECTORS:
-        if reward:
-            if column != args.task_name:
-                raise ValueError(f"--conditioning_image_column {column} computes the {column} condition from the "
-                                 f"image, but --task_name is {args.task_name}; pass --conditioning_image_column "
-                                 f"{args.task_name} (or leave it out).")
-            args.conditioning_image_column = None
-        else:
-            if args.condition_detector not in (None, column):
-                raise ValueError(f"--conditioning_image_column {column} and --condition_detector "
-                                 f"{args.condition_detector} disagree; pass one of them.")
-            args.condition_detector, args.conditioning_image_column = column, None
+    if reward and column in CONDITION_DETECTORS:
+        if column != args.task_name:
+            raise ValueError(f"--conditioning_image_column {column} computes the {column} condition from the "
+                             f"image, but --task_name is {args.task_name}; pass --conditioning_image_column "
+                             f"{args.task_name} (or leave it out).")
+        args.conditioning_image_column = None
     if not reward:
         for original, ours in (("proportion_empty_prompts", "text_condition_dropout"),
                                ("min_train_timesteps", "timestep_sampling_start"),
@@ -634,8 +629,8 @@ def subset(batch: dict, index: torch.Tensor) -> dict:
 
 
 def denormalize(pixel_values: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> [0, 1] as the original computed it (x * std + mean with std = mean = 0.5), which
-    gives back the ``ToTensor`` values the normalisation started from bit for bit."""
+    """[-1, 1] -> [0, 1] as the original computed it (x * std + mean with std = mean = 0.5), so the
+    canny / hed / lineart conditions and targets see the values the original's detectors saw."""
     return pixel_values.float() * 0.5 + 0.5
 
 
@@ -942,6 +937,29 @@ def save_checkpoint(accelerator, args, global_step: int) -> Path:
     return path
 
 
+# Data settings a run must keep when it resumes, with the value a checkpoint written before the
+# setting existed was made with (the data geometry became the original's: issue "Faithful by default").
+RESUMED_DATA_SETTINGS = {"resize_mode": "random_crop", "resize_interpolation": "bicubic",
+                         "palette_labels": "map_then_resize"}
+
+
+def check_resumed_data_settings(args, resume_path: Path) -> None:
+    """Refuse to continue a checkpoint with other data settings than it was trained with (a run
+    started before the defaults became the original's would silently switch its geometry)."""
+    config_file = Path(resume_path) / CONFIG_FILE
+    if not config_file.is_file():
+        return
+    saved = json.loads(config_file.read_text())
+    changed = [(name, saved.get(name, old_default), getattr(args, name)) for name, old_default in
+               RESUMED_DATA_SETTINGS.items()
+               if hasattr(args, name) and saved.get(name, old_default) != getattr(args, name)]
+    if changed:
+        flags = " ".join(f"--{name} {before}" for name, before, _ in changed)
+        details = ", ".join(f"--{name} {before} there, {now} now" for name, before, now in changed)
+        raise ValueError(f"{resume_path} was trained with other data settings ({details}). Pass {flags} to continue "
+                         "it as it was, or start a new --output_dir.")
+
+
 def resolve_resume_path(args) -> Path | None:
     """The checkpoint folder to resume from; None when 'latest' finds none (a fresh start)."""
     if args.resume_from_checkpoint is None:
@@ -1188,6 +1206,7 @@ def _train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows,
     resume_path = resolve_resume_path(args)
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
+        check_resumed_data_settings(args, resume_path)
         accelerator.load_state(str(resume_path))
         global_step = checkpoint_step(resume_path)
         first_epoch = global_step // steps_per_epoch
