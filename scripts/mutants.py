@@ -171,8 +171,9 @@ MUTANTS: list[Mutant] = [
            "collate_fn=collate_rows, num_workers=args.dataloader_num_workers, "
            "persistent_workers=args.dataloader_num_workers > 0)", (T_WORKERS_RESUME,)),
     Mutant("explicit-resume-path-treated-as-latest", "utils/training.py",
-           '    if args.resume_from_checkpoint == "latest":\n        checkpoints = list_checkpoints',
-           '    if args.resume_from_checkpoint is not None:\n        checkpoints = list_checkpoints', (T_WORKERS_RESUME,)),
+           '    if args.resume_from_checkpoint == "latest":\n        for skipped in list_incomplete_checkpoints',
+           '    if args.resume_from_checkpoint is not None:\n        for skipped in list_incomplete_checkpoints',
+           (T_WORKERS_RESUME,)),
     Mutant("all-dropout-keeps-the-caption", "utils/data.py",
            "drop_text = p_image <= u < p_image + p_text + p_all", "drop_text = p_image <= u < p_image + p_text",
            ("tests/test_schedules.py::test_mixed_condition_dropouts_draw_each_case_at_its_rate",)),
