@@ -226,7 +226,7 @@ MUTANTS: list[Mutant] = [
     Mutant("paper-segmentation-at-the-config-scale", "eval/eval_seg.py",
            "paper_prediction = segmenter.predict_mmseg(images, test_scale=PAPER_TEST_SCALE)",
            "paper_prediction = segmenter.predict_mmseg(images)",
-           ("tests/test_eval.py::test_eval_segmentation_two_processes_and_miou",),
+           ("tests/test_eval.py::test_eval_seg_paper_protocol_segments_at_the_original_dataloaders_scale",),
            "the paper protocol segments at the config's scale, not the original dataloader's (2048, 512)"),
 ]
 
