@@ -82,14 +82,18 @@ class HEDRewardModel(RewardModel):
         load_state_dict_strict(model.network, state_dict, "HED checkpoint", path)
         return model
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def side_outputs(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The five side logits (B, 1, H, W), upsampled (bilinear) to the input size."""
         self._check_images(images)
         height, width = images.shape[-2:]
         # The network was trained on 0..255 RGB; clamp like the annotator (values outside
         # [0, 1] cannot come from an image) but do not round (defect 1).
         images_255 = (images.to(self.dtype) * 255.0).clamp(0, 255)
         side_outputs = self.network(images_255)
-        side_outputs = [F.interpolate(side, size=(height, width), mode="bilinear", align_corners=False) for side in side_outputs]
+        return [F.interpolate(side, size=(height, width), mode="bilinear", align_corners=False) for side in side_outputs]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        side_outputs = self.side_outputs(images)
         return torch.sigmoid(torch.stack(side_outputs, dim=0).mean(dim=0))
 
     @torch.no_grad()
@@ -103,10 +107,6 @@ class HEDRewardModel(RewardModel):
         stacking order can differ in the last bit, which truncation turns into a level), returned
         ``uint8(clip(p * 255)) / 255``, and ``to_pil_image`` wrote ``(that * 255).byte()``: the map
         truncated to uint8 (the second step gives back every level k exactly in float32)."""
-        self._check_images(images)
-        height, width = images.shape[-2:]
-        side_outputs = self.network((images.to(self.dtype) * 255.0).clamp(0, 255))
-        side_outputs = [F.interpolate(side, size=(height, width), mode="bilinear") for side in side_outputs]
-        fused = 1 / (1 + torch.exp(-torch.mean(torch.stack(side_outputs, dim=1), dim=1)))
+        fused = 1 / (1 + torch.exp(-torch.mean(torch.stack(self.side_outputs(images), dim=1), dim=1)))
         levels = (fused.float() * 255.0).clip(0, 255).to(torch.uint8)
         return ((levels / 255.0) * 255).to(torch.uint8).repeat(1, 3, 1, 1)

@@ -566,13 +566,36 @@ def test_eval_depth_two_processes_and_rmse(toy_world, tmp_path):
     assert scores["paper"]["metrics"]["rmse"] != pytest.approx(scores["corrected"]["metrics"]["rmse"], rel=1e-3)
 
 
+def mmseg_segment(model, config_file: Path, rgb: np.ndarray, scale) -> np.ndarray:
+    """mmseg's own ``inference_model`` on one RGB image, the config's test resize set to ``scale``
+    (None: the config's own)."""
+    from mmengine.config import Config
+    from mmseg.apis import inference_model
+
+    cfg = Config.fromfile(str(config_file))
+    for step in cfg.test_pipeline:
+        if step["type"] == "Resize" and scale is not None:
+            step["scale"] = scale
+    model.segmentor.cfg = cfg
+    return inference_model(model.segmentor, np.ascontiguousarray(rgb[..., ::-1])).pred_sem_seg.data[0].cpu().numpy()
+
+
+def miou_numpy(pairs, num_classes: int) -> float:
+    """mIoU in percent of (label, prediction) map pairs pooled, 255 ignored, absent classes skipped."""
+    confusion = np.zeros((num_classes, num_classes), np.int64)
+    for target, prediction in pairs:
+        valid = target != 255
+        np.add.at(confusion, (target[valid], prediction[valid]), 1)
+    intersection = np.diag(confusion).astype(float)
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return float(np.nanmean(intersection / union) * 100)
+
+
 def test_eval_seg_paper_protocol_segments_at_the_original_dataloaders_scale(toy_world, tmp_path):
     """One ADE20K row, in-process: the paper protocol's mIoU is mmseg's own inference at the original's
     keep-ratio (2048, 512) (64 px images upsampled to 512), the corrected one at the config's scale."""
     pytest.importorskip("mmcv.ops", reason="mmseg segmenters need mmcv's compiled ops")
-    from mmengine.config import Config
-    from mmseg.apis import inference_model
-
     from eval import eval as generate
     from eval import eval_seg
     from reward_models import build_reward_model
@@ -585,31 +608,18 @@ def test_eval_seg_paper_protocol_segments_at_the_original_dataloaders_scale(toy_
     args[args.index("--dataset_name") + 1] = str(toy_world / "datasets" / dataset_name)
     generate.main(args[1:])
     model = build_reward_model("segmentation", str(segmenter), label_format="index_reduce_zero")
-
-    def segment(rgb: np.ndarray, scale) -> np.ndarray:  # mmseg's own inference at a test scale
-        cfg = Config.fromfile(str(segmenter / "config.py"))
-        for step in cfg.test_pipeline:
-            if step["type"] == "Resize" and scale is not None:
-                step["scale"] = scale
-        model.segmentor.cfg = cfg
-        return inference_model(model.segmentor, np.ascontiguousarray(rgb[..., ::-1])).pred_sem_seg.data[0].cpu().numpy()
+    config = segmenter / "config.py"
 
     # The toy segmenter's weights are random, so it scores ~0 on the real labels at any scale. Its own
     # paper-scale segmentation of row 0 as that row's label makes the two scales tell apart.
-    Image.fromarray(segment(png(out / "images" / "group_0" / "0.png"), (2048, 512)).astype(np.uint8)).save(
-        out / "annotations" / "0.png")
+    Image.fromarray(mmseg_segment(model, config, png(out / "images" / "group_0" / "0.png"), (2048, 512))
+                    .astype(np.uint8)).save(out / "annotations" / "0.png")
     scores = eval_seg.main(["--root_dir", str(out), "--eval_model_name_or_path", str(segmenter), "--num_workers", "0"])
     for scoring, scale in (("paper", (2048, 512)), ("corrected", None)):
-        confusion = np.zeros((model.num_classes, model.num_classes), np.int64)
-        for row in range(2):
-            target = png(out / "annotations" / f"{row}.png").astype(np.int64)
-            prediction = segment(png(out / "images" / "group_0" / f"{row}.png"), scale)
-            valid = target != 255
-            np.add.at(confusion, (target[valid], prediction[valid]), 1)
-        intersection = np.diag(confusion).astype(float)
-        union = confusion.sum(0) + confusion.sum(1) - intersection
-        with np.errstate(invalid="ignore", divide="ignore"):
-            expected = np.nanmean(intersection / union) * 100
+        pairs = [(png(out / "annotations" / f"{row}.png").astype(np.int64),
+                  mmseg_segment(model, config, png(out / "images" / "group_0" / f"{row}.png"), scale))
+                 for row in range(2)]
+        expected = miou_numpy(pairs, model.num_classes)
         assert scores[scoring]["metrics"]["miou"] == pytest.approx(expected, abs=1e-9), scoring
     assert scores["paper"]["metrics"]["miou"] > scores["corrected"]["metrics"]["miou"] + 1  # the scales differ
 
@@ -637,27 +647,12 @@ def test_eval_segmentation_two_processes_and_miou(toy_world, tmp_path, benchmark
                                   np.asarray(Image.fromarray(label).resize((64, 64), Image.NEAREST)))
 
     scores = eval_seg.main(["--root_dir", str(out), "--eval_model_name_or_path", str(segmenter), "--num_workers", "0"])
-    from mmengine.config import Config
-    from mmseg.apis import inference_model
-
     model = build_reward_model("segmentation", str(segmenter), label_format=label_format)
-    for scoring, scale in (("paper", (2048, 512)), ("corrected", None)):
-        cfg = Config.fromfile(str(segmenter / "config.py"))  # mmseg's own inference at the scoring's test scale
-        for step in cfg.test_pipeline:
-            if step["type"] == "Resize" and scale is not None:
-                step["scale"] = scale
-        model.segmentor.cfg = cfg
-        confusion = np.zeros((model.num_classes, model.num_classes), np.int64)
-        for row in range(4):
-            target = png(out / "annotations" / f"{row}.png").astype(np.int64)
-            for group in range(2):
-                bgr = np.ascontiguousarray(png(out / "images" / f"group_{group}" / f"{row}.png")[..., ::-1])
-                prediction = inference_model(model.segmentor, bgr).pred_sem_seg.data[0].cpu().numpy()
-                valid = target != 255
-                np.add.at(confusion, (target[valid], prediction[valid]), 1)
-        intersection = np.diag(confusion).astype(float)
-        union = confusion.sum(0) + confusion.sum(1) - intersection
-        with np.errstate(invalid="ignore", divide="ignore"):
-            expected = np.nanmean(intersection / union) * 100
+    for scoring, scale in (("paper", (2048, 512)), ("corrected", None)):  # mmseg's own inference at each scale
+        pairs = [(png(out / "annotations" / f"{row}.png").astype(np.int64),
+                  mmseg_segment(model, segmenter / "config.py", png(out / "images" / f"group_{group}" / f"{row}.png"),
+                                scale))
+                 for row in range(4) for group in range(2)]
+        expected = miou_numpy(pairs, model.num_classes)
         assert scores[scoring]["metrics"]["miou"] == pytest.approx(expected, abs=1e-9), scoring
         assert scores[scoring]["benchmark"] == benchmark
