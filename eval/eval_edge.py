@@ -111,7 +111,7 @@ def main(args=None):
             raise ValueError(f"{args.root_dir}: the maps are {size} px; MS-SSIM (5 scales of an 11x11 kernel) needs "
                              f"more than {metrics.MS_SSIM_MIN_SIZE} px. Generate with --resolution 192 or more "
                              "(--generation_resolution keeps a small model's own size).")
-        # F1 is the canny metric; its MS-SSIM is secondary and undefined below 161 px.
+        # F1 is the canny metric; its MS-SSIM is secondary and undefined below 176 px.
         print(f"canny: MS-SSIM not computed: the images are {size} px, it needs more than "
               f"{metrics.MS_SSIM_MIN_SIZE} px (5 scales of an 11x11 kernel). F1 and PSNR are.")
         names.remove("ms_ssim")
