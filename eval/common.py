@@ -122,15 +122,21 @@ def require_original_protocol(root: str | os.PathLike, config: dict) -> None:
 
 def benchmark_name(config: dict) -> str:
     """The paper's row a run belongs to: canny / hed / lineart / depth / ade20k / cocostuff."""
+    from reward_models import reward_class
+
+    return reward_class(config["task_name"]).benchmark_name(config["dataset_name"])
+
+
+def require_task_scored_here(root: str | os.PathLike, config: dict, script: str) -> str:
+    """The run's task, after checking that ``script`` (e.g. "eval/eval_depth.py") is the metric
+    script of that task (its reward model's ``metric_script``)."""
+    from reward_models import reward_class
+
     task = config["task_name"]
-    if task != "segmentation":
-        return task
-    dataset = str(config["dataset_name"]).lower()
-    if "ade" in dataset:
-        return "ade20k"
-    if "coco" in dataset:
-        return "cocostuff"
-    return Path(str(config["dataset_name"])).name
+    scored_by = reward_class(task).metric_script
+    if scored_by != script:
+        raise ValueError(f"{root} holds a {task!r} run; {Path(script).name} does not score it ({scored_by} does).")
+    return task
 
 
 def _missing_message(folder: str, expected: list[Path], missing: list[Path], root: Path) -> str:

@@ -36,28 +36,12 @@ from PIL import Image
 
 from eval.common import (CONFIG_NAME, annotation_path, condition_path, full_float32, generated_path, reused,
                          reward_model, row_files, visualization_path)
+from reward_models import REWARD_MODELS, TASK_ALIASES, reward_class
 from utils.data import load_dataset_any
 from utils.images import to_mode
 from utils.io import save_image, save_json
 
-TASKS = ("canny", "hed", "lineart", "depth", "segmentation")
-TASK_ALIASES = {"seg": "segmentation"}  # the original release's --task_name value
 MODELS = ("controlnet", "t2i-adapter", "controlnet-sdxl")
-# Columns of the paper's evaluation datasets (limingcv/...): the condition of depth and
-# segmentation is a dataset column; canny / hed / lineart compute it from the image.
-DEFAULT_CONDITION_COLUMN = {"depth": "control_depth", "segmentation": "control_seg"}
-DEFAULT_LABEL_COLUMN = {"depth": "control_depth"}
-# How each segmentation label column is written: Captioned_ADE20K's seg_map holds 1 + class
-# (0 = other, mmseg's reduce_zero_label), control_seg the ADE20K palette, COCO-Stuff's
-# panoptic_seg_map the class index with 255 = ignore.
-LABEL_FORMAT_BY_COLUMN = {"seg_map": "index_reduce_zero", "control_seg": "ade20k_palette", "panoptic_seg_map": "index"}
-# The segmentation annotator (condition extractor of the generated images) defaults to the
-# paper's reward model of the dataset: UperNet-R50 for ADE20K, DeepLabV3-R50 for COCO-Stuff.
-SEGMENTATION_ANNOTATORS = {
-    "index": "mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-160k_coco-stuff164k-512x512.py",
-    "index_reduce_zero": "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py",
-    "ade20k_palette": "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py",
-}
 # Settings that change the generated files: a folder generated with other values cannot be
 # completed by this run (checked against eval_config.json).
 # What the stored conditions and annotations are: "original" = as the original release's eval.py
@@ -75,7 +59,7 @@ GENERATION_SETTINGS = (
 
 def parse_args(args=None):
     parser = argparse.ArgumentParser(description="Generate ControlNet++ evaluation images (paper protocol by default).")
-    parser.add_argument("--task_name", required=True, help=f"one of {TASKS} ('seg' = segmentation)")
+    parser.add_argument("--task_name", required=True, help=f"one of {tuple(REWARD_MODELS)} ('seg' = segmentation)")
     parser.add_argument("--dataset_name", required=True, help="hub id or a local save_to_disk folder")
     parser.add_argument("--dataset_split", default="validation")
     parser.add_argument("--cache_dir", default=None, help="datasets cache folder for hub ids")
@@ -89,7 +73,7 @@ def parse_args(args=None):
                              "seg_map (ADE20K) or panoptic_seg_map (COCO-Stuff), required")
     parser.add_argument("--label_format", default=None, choices=("ade20k_palette", "index", "index_reduce_zero"),
                         help="segmentation: how --label_column is written; default from its name "
-                             f"({LABEL_FORMAT_BY_COLUMN})")
+                             "(reward_models.segmentation.LABEL_FORMAT_BY_COLUMN)")
     parser.add_argument("--model", default="controlnet", choices=MODELS)
     parser.add_argument("--model_path", required=True, help="the ControlNet (or T2I-Adapter) to evaluate")
     parser.add_argument("--sd_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
@@ -119,24 +103,18 @@ def parse_args(args=None):
     args = parser.parse_args(args)
 
     args.task_name = TASK_ALIASES.get(args.task_name, args.task_name)
-    if args.task_name not in TASKS:
-        parser.error(f"--task_name must be one of {TASKS}, got {args.task_name!r}")
-    if args.task_name in DEFAULT_CONDITION_COLUMN:
-        args.condition_column = args.condition_column or DEFAULT_CONDITION_COLUMN[args.task_name]
-    else:
-        args.condition_column = None  # computed from the image by the annotator
-    if args.task_name == "depth":
-        args.label_column = args.label_column or DEFAULT_LABEL_COLUMN["depth"]
-    if args.task_name == "segmentation":
-        if args.label_column is None:
-            parser.error("segmentation needs --label_column: seg_map for ADE20K, panoptic_seg_map for COCO-Stuff")
-        if args.label_format is None:
-            if args.label_column not in LABEL_FORMAT_BY_COLUMN:
-                parser.error(f"cannot tell how --label_column {args.label_column} is written; pass --label_format")
-            args.label_format = LABEL_FORMAT_BY_COLUMN[args.label_column]
-        args.reward_model_name_or_path = args.reward_model_name_or_path or SEGMENTATION_ANNOTATORS[args.label_format]
-    elif args.label_format is not None:
-        parser.error("--label_format is for --task_name segmentation only")
+    if args.task_name not in REWARD_MODELS:
+        parser.error(f"--task_name must be one of {tuple(REWARD_MODELS)}, got {args.task_name!r}")
+    annotator_class = reward_class(args.task_name)
+    # depth / segmentation: a dataset column (control_depth / control_seg by default); canny / hed /
+    # lineart: computed from the image by the annotator.
+    args.condition_column = (args.condition_column or annotator_class.default_condition_column) \
+        if annotator_class.needs_condition_column else None
+    try:
+        args.label_column, args.label_format, args.reward_model_name_or_path = annotator_class.evaluation_labels(
+            args.label_column, args.label_format, args.reward_model_name_or_path)
+    except ValueError as error:
+        parser.error(str(error))
     if args.num_groups < 1 or args.num_inference_steps < 1 or args.resolution < 8 or args.resolution % 8:
         parser.error("--num_groups and --num_inference_steps must be >= 1 and --resolution a multiple of 8")
     if args.generation_resolution is not None and (args.generation_resolution < 8 or args.generation_resolution % 8
@@ -273,17 +251,6 @@ def read_row(dataset, row: int, args) -> dict:
     return item
 
 
-def depth_label(label_image: Image.Image, resolution: int) -> np.ndarray:
-    """The depth annotation (H, W) uint8 as the original's eval.py wrote it: the full-size map
-    min-max normalised to 0..255 in float64, truncated to uint8, resized nearest, read as grey."""
-    array = np.array(label_image).astype(np.float64)
-    span = array.max() - array.min()
-    # The original divided by the span unchecked (a flat map gave NaN); a flat map is 0 here.
-    normalised = (array - array.min()) / span * 255 if span > 0 else np.zeros_like(array)
-    image = Image.fromarray(normalised.astype("uint8")).resize((resolution, resolution), Image.NEAREST)
-    return np.asarray(image.convert("L"))
-
-
 def conditions_and_annotations(items: list[dict], annotator, args, device) -> tuple[np.ndarray, np.ndarray]:
     """ControlNet inputs (B, H, W, 3) uint8 and what the metric compares with (B, H, W) uint8."""
     if args.condition_column is None:
@@ -293,17 +260,9 @@ def conditions_and_annotations(items: list[dict], annotator, args, device) -> tu
         real = to_float(np.stack([np.asarray(item["image"]) for item in items]), device)
         conditions = annotator.condition_uint8(real).permute(0, 2, 3, 1).cpu().numpy()
         return conditions, conditions[..., 0]
+    # depth: the raw control_depth as the original stored it; segmentation: class indices, 255 = ignore.
     conditions = np.stack([np.asarray(item["condition"]) for item in items])
-    if args.task_name == "depth":
-        return conditions, np.stack([depth_label(item["label"], args.resolution) for item in items])
-    from reward_models.segmentation import label_image_to_index
-
-    labels = []
-    for item in items:
-        label = label_image_to_index(item["label"], args.label_format)  # (h, w) int64, 255 = ignore
-        label = Image.fromarray(label.astype(np.uint8)).resize((args.resolution, args.resolution), Image.NEAREST)
-        labels.append(np.asarray(label))
-    return conditions, np.stack(labels)
+    return conditions, np.stack([annotator.label_annotation(item["label"], args.resolution) for item in items])
 
 
 def visualization(condition: np.ndarray, real: np.ndarray, generated: np.ndarray, extracted: np.ndarray) -> np.ndarray:
@@ -352,9 +311,12 @@ def main(args=None):
         return
     with state.main_process_first():  # the first process fills caches, the others read them
         pipe = load_pipeline(args, dtype).to(state.device)
-        annotator = reward_model(args.task_name, args.reward_model_name_or_path, state.device,
-                                 **({"checkpoint": args.reward_model_checkpoint, "label_format": args.label_format}
-                                    if args.task_name == "segmentation" else {}))
+        annotator_class = reward_class(args.task_name)
+        # --reward_model_checkpoint / --label_format only reach a model that takes them (segmentation).
+        options = {name: value for name, value in (("checkpoint", args.reward_model_checkpoint),
+                                                   ("label_format", args.label_format))
+                   if name in annotator_class.build_options}
+        annotator = reward_model(args.task_name, args.reward_model_name_or_path, state.device, **options)
     single_channel = args.model == "t2i-adapter" and pipe.adapter.config.in_channels == 1
 
     start = time.perf_counter()
@@ -389,7 +351,7 @@ def main(args=None):
         generated = (np.clip(generated, 0, 1) * 255).round().astype(np.uint8)
         extracted = annotator.extracted_uint8(to_float(generated, state.device)).permute(0, 2, 3, 1).cpu().numpy()
         # Edge and depth conditions are grey maps repeated x3: stored with one channel.
-        stored = extracted if args.task_name == "segmentation" else extracted[..., 0]
+        stored = extracted if annotator.condition_is_palette else extracted[..., 0]
         generated = generated.reshape(len(items), args.num_groups, *generated.shape[1:])
         extracted = extracted.reshape(len(items), args.num_groups, *extracted.shape[1:])
         stored = stored.reshape(len(items), args.num_groups, *stored.shape[1:])

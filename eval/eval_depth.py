@@ -27,7 +27,8 @@ import argparse
 import torch
 
 from eval.common import (RowDataset, benchmark_name, full_float32, load_config, require_complete,
-                         require_original_protocol, resolve_device, reward_model, row_loader, write_results)
+                         require_original_protocol, require_task_scored_here, resolve_device, reward_model,
+                         row_loader, write_results)
 from utils import metrics
 
 DEFAULT_EVAL_MODEL = "Intel/dpt-large"
@@ -95,8 +96,7 @@ def main(args=None):
 
     config = load_config(args.root_dir)
     require_original_protocol(args.root_dir, config)
-    if config["task_name"] != "depth":
-        raise ValueError(f"{args.root_dir} holds a {config['task_name']!r} run; eval_depth.py scores depth runs.")
+    require_task_scored_here(args.root_dir, config, "eval/eval_depth.py")
     num_groups = int(config["num_groups"])
     rows = require_complete(args.root_dir, config)
     device = resolve_device(args.device)

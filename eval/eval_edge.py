@@ -29,10 +29,10 @@ import argparse
 import torch
 
 from eval.common import (RowDataset, annotation_path, benchmark_name, full_float32, load_config, require_complete,
-                         require_original_protocol, resolve_device, row_loader, write_results)
+                         require_original_protocol, require_task_scored_here, resolve_device, row_loader,
+                         write_results)
+from reward_models import reward_class
 from utils import metrics
-
-EDGE_TASKS = ("canny", "hed", "lineart")
 
 
 def parse_args(args=None):
@@ -51,10 +51,11 @@ def score_batch(task: str, prediction: torch.Tensor, annotation: torch.Tensor, p
 
     Returns per-image values (B, G) (corrected) or per-row values (B,) (paper protocol).
     """
+    reward_model = reward_class(task)
     batch, groups, height, width = prediction.shape
     target = annotation[:, None].expand(batch, groups, height, width)
     target01 = target.float() / 255.0
-    if paper and task == "lineart":
+    if paper and reward_model.paper_protocol_wraps_inversion:
         # The original stored the un-inverted drawing; ours is its uint8 complement (255 - stored).
         pred01 = metrics.lineart_reference_inversion(255 - prediction)
     else:
@@ -71,7 +72,7 @@ def score_batch(task: str, prediction: torch.Tensor, annotation: torch.Tensor, p
         scores["psnr"] = torch.stack([metrics.psnr_pooled(p, t) for p, t in zip(pred01, target01)])
     else:
         scores["psnr"] = metrics.psnr(flat(pred01), flat(target01)).view(batch, groups)
-    if task == "canny":
+    if reward_model.binary_annotation:
         pred_edges, target_edges = prediction > 0, target > 0
         if paper:
             counts = metrics.binary_confusion_counts(pred_edges.flatten(1), target_edges.flatten(1))
@@ -95,24 +96,20 @@ def main(args=None):
 
     config = load_config(args.root_dir)
     require_original_protocol(args.root_dir, config)
-    task, num_groups = config["task_name"], int(config["num_groups"])
-    if task not in EDGE_TASKS:
-        raise ValueError(f"{args.root_dir} holds a {task!r} run; eval_edge.py scores {EDGE_TASKS} "
-                         "(depth: eval/eval_depth.py, segmentation: eval/eval_seg.py).")
+    task, num_groups = require_task_scored_here(args.root_dir, config, "eval/eval_edge.py"), int(config["num_groups"])
+    binary = reward_class(task).binary_annotation  # canny: F1 first, MS-SSIM secondary
     rows = require_complete(args.root_dir, config, generated=False, conditions=True)
     device = resolve_device(args.device)
     loader = row_loader(RowDataset(args.root_dir, rows, num_groups, conditions=True), args.batch_size, args.num_workers)
-    names = ["ms_ssim", "psnr"]
-    if task == "canny":
-        names.insert(0, "f1")
+    names = ["f1", "ms_ssim", "psnr"] if binary else ["ms_ssim", "psnr"]
     size = min(metrics_size(args.root_dir, rows[0]))
     if size <= metrics.MS_SSIM_MIN_SIZE:
-        if task != "canny":
+        if not binary:
             raise ValueError(f"{args.root_dir}: the maps are {size} px; MS-SSIM (5 scales of an 11x11 kernel) needs "
                              f"more than {metrics.MS_SSIM_MIN_SIZE} px. Generate with --resolution 192 or more "
                              "(--generation_resolution keeps a small model's own size).")
-        # F1 is the canny metric; its MS-SSIM is secondary and undefined below 176 px.
-        print(f"canny: MS-SSIM not computed: the images are {size} px, it needs more than "
+        # F1 is the metric of binary maps (canny); their MS-SSIM is secondary and undefined below 176 px.
+        print(f"{task}: MS-SSIM not computed: the images are {size} px, it needs more than "
               f"{metrics.MS_SSIM_MIN_SIZE} px (5 scales of an 11x11 kernel). F1 and PSNR are.")
         names.remove("ms_ssim")
     # The paper protocol yields one value per prompt: a single bucket.

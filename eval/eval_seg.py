@@ -33,8 +33,8 @@ import argparse
 
 import torch
 
-from eval.common import (RowDataset, benchmark_name, full_float32, load_config, require_complete, resolve_device,
-                         reward_model, row_loader, write_results)
+from eval.common import (RowDataset, benchmark_name, full_float32, load_config, require_complete,
+                         require_task_scored_here, resolve_device, reward_model, row_loader, write_results)
 from reward_models.segmentation import keep_ratio_size
 from utils import metrics
 
@@ -68,8 +68,7 @@ def main(args=None):
     from tqdm.auto import tqdm
 
     config = load_config(args.root_dir)
-    if config["task_name"] != "segmentation":
-        raise ValueError(f"{args.root_dir} holds a {config['task_name']!r} run; eval_seg.py scores segmentation runs.")
+    require_task_scored_here(args.root_dir, config, "eval/eval_seg.py")
     benchmark = benchmark_name(config)
     model_name = args.eval_model_name_or_path or EVAL_SEGMENTERS.get(benchmark)
     if model_name is None:

@@ -4,8 +4,11 @@
     reward_model = build_reward_model("hed", "work_dirs/toy/reward_models/ControlNetHED.pth")
     loss = reward_model.loss(reward_model(images), reward_model.target(batch))  # (B,)
 
-Adding a task is adding one module with a ``RewardModel`` subclass and one entry below.
-Heavy dependencies (transformers, mmseg) are imported inside the constructors.
+Adding a task is adding one module with a ``RewardModel`` subclass and one entry below: the
+class builds itself from the ``name_or_path`` values it accepts (``RewardModel.build``) and its
+class attributes tell training, evaluation and inference everything task-specific, so that no
+code outside this package branches on a task name. Heavy dependencies (transformers, mmseg)
+are imported inside the constructors.
 """
 from __future__ import annotations
 
@@ -27,13 +30,19 @@ REWARD_MODELS: dict[str, type[RewardModel]] = {
 }
 
 # The paper's reward models, as the original release's --reward_model_name_or_path values.
-DEFAULT_REWARD_MODEL_PATHS: dict[str, str] = {
-    "canny": "canny",
-    "hed": "https://huggingface.co/lllyasviel/Annotators/resolve/main/ControlNetHED.pth",
-    "lineart": "https://huggingface.co/spaces/awacke1/Image-to-Line-Drawings/resolve/main/model.pth",
-    "depth": "Intel/dpt-hybrid-midas",
-    "segmentation": "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py",
-}
+DEFAULT_REWARD_MODEL_PATHS: dict[str, str] = {task: model.default_name_or_path for task, model in REWARD_MODELS.items()}
+# The tasks whose ControlNet condition the reward model computes from the image (the original's
+# --conditioning_image_column canny|hed|lineart; stage one's --condition_detector).
+CONDITION_DETECTORS: tuple[str, ...] = tuple(task for task, model in REWARD_MODELS.items()
+                                             if not model.needs_condition_column)
+TASK_ALIASES = {"seg": "segmentation"}  # the original release's evaluation --task_name value
+
+
+def reward_class(task: str) -> type[RewardModel]:
+    """The RewardModel subclass of ``task``; its class attributes describe the task."""
+    if task not in REWARD_MODELS:
+        raise ValueError(f"unknown reward task {task!r}; choose one of {sorted(REWARD_MODELS)} (--task).")
+    return REWARD_MODELS[task]
 
 
 def build_reward_model(
@@ -44,7 +53,7 @@ def build_reward_model(
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> RewardModel:
-    """Build the frozen (eval, requires_grad False) reward model of ``task``.
+    """Build the frozen (eval, requires_grad False) reward model of ``task``: ``RewardModel.build``.
 
     name_or_path: the original ``--reward_model_name_or_path`` value or a local equivalent;
         None picks the paper's model (``DEFAULT_REWARD_MODEL_PATHS``).
@@ -56,26 +65,9 @@ def build_reward_model(
     dtype: the weights' dtype (the mixed-precision dtype in training). Inputs of any float
         dtype are accepted; losses are float32.
     """
-    if task not in REWARD_MODELS:
-        raise ValueError(f"unknown reward task {task!r}; choose one of {sorted(REWARD_MODELS)} (--task).")
-    if name_or_path is None:
-        name_or_path = DEFAULT_REWARD_MODEL_PATHS[task]
-    if task != "segmentation" and (checkpoint is not None or label_format is not None):
-        raise ValueError(f"checkpoint and label_format are for the segmentation task only, not {task!r}.")
-    if task == "canny":
-        if name_or_path != "canny":
-            raise ValueError(
-                f"the canny reward model has no weights; --reward_model_name_or_path must be 'canny', got {name_or_path!r}."
-            )
-        model: RewardModel = CannyRewardModel(device=device)
-    elif task == "segmentation":
-        model = SegmentationRewardModel.from_pretrained(name_or_path, checkpoint=checkpoint, label_format=label_format)
-    else:
-        model = REWARD_MODELS[task].from_pretrained(name_or_path)
-    model = model.to(device=device if device is not None else "cpu")
-    if task != "canny":
-        model = model.to(dtype=dtype)
-    return model.freeze()
+    return reward_class(task).build(name_or_path, checkpoint=checkpoint, label_format=label_format, device=device,
+                                    dtype=dtype)
 
 
-__all__ = ["REWARD_MODELS", "DEFAULT_REWARD_MODEL_PATHS", "RewardModel", "build_reward_model"]
+__all__ = ["CONDITION_DETECTORS", "DEFAULT_REWARD_MODEL_PATHS", "REWARD_MODELS", "RewardModel", "TASK_ALIASES",
+           "build_reward_model", "reward_class"]

@@ -31,6 +31,7 @@ import types
 from pathlib import Path
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -268,14 +269,86 @@ def per_sample_mean(loss_map: torch.Tensor, valid: torch.Tensor | None = None) -
 class RewardModel(nn.Module):
     """Base class: a frozen reward model with its task-specific pre- and post-processing.
 
-    Subclasses implement ``forward`` and ``extract_condition``; the defaults below cover the
-    tasks whose target is the reward output of the real image (canny, hed, lineart).
+    Subclasses implement ``from_pretrained``, ``forward`` and ``extract_condition``; the
+    defaults below cover the tasks whose target is the reward output of the real image (canny,
+    hed, lineart). The class attributes say everything else the training, evaluation and
+    inference code needs to know about a task, so that none of them branches on its name.
     """
 
     task: str = ""
+    # The paper's model: the original release's --reward_model_name_or_path value.
+    default_name_or_path: str = ""
+    # Options of ``build`` this class accepts besides name_or_path, device and dtype
+    # (config-based segmenters: an explicit checkpoint and the label format).
+    build_options: tuple[str, ...] = ()
+    has_weights: bool = True  # canny is a fixed filter
     # canny / hed / lineart derive their condition from the image on the fly; depth and
-    # segmentation read it from a dataset column (control_depth, control_seg).
+    # segmentation read it from a dataset column (control_depth, control_seg), named
+    # ``default_condition_column`` in the paper's datasets.
     needs_condition_column: bool = False
+    default_condition_column: str | None = None
+    # The reward compares with a label map read from its own dataset column (segmentation:
+    # ``label_from_image`` turns a label image into classes); training and evaluation need it.
+    needs_label_column: bool = False
+    # What evaluation compares with when no --label_column is given (depth: the raw
+    # control_depth); None: the annotated input condition (edges) or a required column.
+    evaluation_label_column: str | None = None
+    # The condition is a palette of class colours: resized nearest, stored in colour. Otherwise
+    # it is a grey map repeated x3 (edges, depth), stored with one channel.
+    condition_is_palette: bool = False
+    # ``annotate`` gives a binary map (canny's edges after hysteresis): scored by the F1 of its
+    # edge pixels, MS-SSIM secondary (paper Table 1).
+    binary_annotation: bool = False
+    # The (low, high) hysteresis thresholds ``annotate`` takes as keywords (low_threshold,
+    # high_threshold), which the demo and generate.py let users change; None: it takes none.
+    annotation_thresholds: tuple[float, float] | None = None
+    # The original's eval_edge.py read this task's stored maps through ``1 - x`` on uint8, which
+    # wraps around (defect 2, line drawing): the paper protocol reproduces it.
+    paper_protocol_wraps_inversion: bool = False
+    metric_script: str = ""  # the eval/ script that scores the task (paper Table 1)
+    title: str = ""  # the demo's tab title
+    # The released ControlNet++ weights of the task: a subfolder of the paper's Hugging Face Space.
+    released_controlnet_subfolder: str = ""
+
+    @classmethod
+    def build(cls, name_or_path: str | os.PathLike | None = None, checkpoint: str | None = None,
+              label_format: str | None = None, device: torch.device | str | None = None,
+              dtype: torch.dtype = torch.float32) -> "RewardModel":
+        """The frozen model (eval, requires_grad False) from a ``name_or_path`` this class accepts;
+        None is the paper's model. ``checkpoint`` / ``label_format`` are refused unless the class
+        lists them in ``build_options``. ``dtype``: the weights' dtype (inputs of any float dtype
+        are accepted; losses are float32)."""
+        options = {"checkpoint": checkpoint, "label_format": label_format}
+        if any(value is not None and name not in cls.build_options for name, value in options.items()):
+            raise ValueError(f"checkpoint and label_format are for the segmentation task only, not {cls.task!r}.")
+        model = cls.from_pretrained(cls.default_name_or_path if name_or_path is None else name_or_path,
+                                    **{name: value for name, value in options.items() if name in cls.build_options})
+        model = model.to(device=device if device is not None else "cpu")
+        return model.to(dtype=dtype).freeze()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike) -> "RewardModel":  # pragma: no cover - abstract
+        """The model (not yet frozen) from a ``name_or_path`` the task accepts."""
+        raise NotImplementedError
+
+    @classmethod
+    def benchmark_name(cls, dataset_name: str) -> str:
+        """The paper's row a run of this task on ``dataset_name`` belongs to (Table 1)."""
+        return cls.task
+
+    @classmethod
+    def evaluation_labels(cls, label_column: str | None, label_format: str | None,
+                          annotator: str | None) -> tuple[str | None, str | None, str | None]:
+        """eval.py's --label_column, --label_format and annotator, completed with the task's
+        defaults; ValueError says which flag to pass or drop."""
+        if label_format is not None:
+            raise ValueError("--label_format is for --task_name segmentation only")
+        return label_column or cls.evaluation_label_column, None, annotator
+
+    def label_annotation(self, label_image, resolution: int) -> np.ndarray:
+        """What evaluation compares with, from the dataset's label image: (resolution,
+        resolution) uint8, as the original's eval.py stored it (tasks with a label column)."""
+        raise TypeError(f"The {self.task!r} evaluation compares with the annotated condition, not a label column.")
 
     def freeze(self) -> "RewardModel":
         """Reward models are never trained: eval mode (BatchNorm statistics) and no grads."""

@@ -70,13 +70,27 @@ class CannyRewardModel(RewardModel):
     """Canny has no weights; the reward compares NMS magnitudes (MSE over C, H, W)."""
 
     task = "canny"
-    needs_condition_column = False
+    default_name_or_path = "canny"
+    has_weights = False
+    binary_annotation = True
+    annotation_thresholds = (LOW_THRESHOLD, HIGH_THRESHOLD)  # the original demo's and evaluation's
+    metric_script = "eval/eval_edge.py"
+    title = "Canny"
+    released_controlnet_subfolder = "checkpoints/canny/controlnet"
 
     def __init__(self, device: torch.device | str | None = None):
         super().__init__()
         # No parameters: remember the device so `target` can move the batch there.
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self.freeze()
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str = "canny") -> "CannyRewardModel":
+        if name_or_path != "canny":
+            raise ValueError(
+                f"the canny reward model has no weights; --reward_model_name_or_path must be 'canny', got {name_or_path!r}."
+            )
+        return cls()
 
     @property
     def device(self) -> torch.device:

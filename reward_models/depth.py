@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -49,7 +50,13 @@ class DepthRewardModel(RewardModel):
     """Relative depth (B, 1, H, W) in [0, 1] per sample; reward MSE mean over H, W."""
 
     task = "depth"
+    default_name_or_path = "Intel/dpt-hybrid-midas"
     needs_condition_column = True  # the label is the dataset's control_depth column
+    default_condition_column = "control_depth"
+    evaluation_label_column = "control_depth"
+    metric_script = "eval/eval_depth.py"
+    title = "Depth"
+    released_controlnet_subfolder = "checkpoints/depth/controlnet"
 
     def __init__(self, dpt_model: torch.nn.Module, input_size: tuple[int, int] = (DPT_INPUT_SIZE, DPT_INPUT_SIZE)):
         super().__init__()
@@ -101,3 +108,19 @@ class DepthRewardModel(RewardModel):
     @torch.no_grad()
     def extract_condition(self, images: torch.Tensor) -> torch.Tensor:
         return self(images).clamp(0, 1).repeat(1, 3, 1, 1)
+
+    def label_annotation(self, label_image, resolution: int) -> np.ndarray:
+        return depth_label(label_image, resolution)
+
+
+def depth_label(label_image, resolution: int) -> np.ndarray:
+    """The depth annotation (H, W) uint8 as the original's eval.py wrote it: the full-size map
+    min-max normalised to 0..255 in float64, truncated to uint8, resized nearest, read as grey."""
+    from PIL import Image
+
+    array = np.array(label_image).astype(np.float64)
+    span = array.max() - array.min()
+    # The original divided by the span unchecked (a flat map gave NaN); a flat map is 0 here.
+    normalised = (array - array.min()) / span * 255 if span > 0 else np.zeros_like(array)
+    image = Image.fromarray(normalised.astype("uint8")).resize((resolution, resolution), Image.NEAREST)
+    return np.asarray(image.convert("L"))

@@ -67,7 +67,10 @@ class HEDRewardModel(RewardModel):
     """HED map (B, 1, H, W) in [0, 1]; reward MSE(HED(gen), HED(real)) mean over H, W."""
 
     task = "hed"
-    needs_condition_column = False
+    default_name_or_path = HED_URL
+    metric_script = "eval/eval_edge.py"
+    title = "SoftEdge (HED)"
+    released_controlnet_subfolder = "checkpoints/hed/controlnet"
 
     def __init__(self, width: int = HED_WIDTH):
         super().__init__()

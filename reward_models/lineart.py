@@ -61,7 +61,11 @@ class LineArtRewardModel(RewardModel):
     """Line drawing (B, 1, H, W) in [0, 1], 1 = paper; reward MSE mean over H, W."""
 
     task = "lineart"
-    needs_condition_column = False
+    default_name_or_path = LINEART_URL
+    paper_protocol_wraps_inversion = True
+    metric_script = "eval/eval_edge.py"
+    title = "LineArt"
+    released_controlnet_subfolder = "checkpoints/lineart/controlnet"
 
     def __init__(self, ngf: int = LINEART_NGF):
         super().__init__()

@@ -41,6 +41,17 @@ LABEL_FORMATS = ("ade20k_palette", "index", "index_reduce_zero")
 # Dataset class of the config -> how that dataset's label images are written.
 LABEL_FORMAT_BY_DATASET = {"ADE20KDataset": "ade20k_palette", "COCOStuffDataset": "index"}
 RANDOM_WEIGHTS = "random"
+# How each label column of the paper's evaluation datasets is written: Captioned_ADE20K's seg_map
+# holds 1 + class (0 = other, mmseg's reduce_zero_label), control_seg the ADE20K palette,
+# COCO-Stuff's panoptic_seg_map the class index with 255 = ignore.
+LABEL_FORMAT_BY_COLUMN = {"seg_map": "index_reduce_zero", "control_seg": "ade20k_palette", "panoptic_seg_map": "index"}
+# The evaluation's annotator (condition extractor of the generated images) defaults to the
+# paper's reward model of the dataset: UperNet-R50 for ADE20K, DeepLabV3-R50 for COCO-Stuff.
+EVALUATION_ANNOTATORS = {
+    "index": "mmseg::deeplabv3/deeplabv3_r50-d8_4xb4-160k_coco-stuff164k-512x512.py",
+    "index_reduce_zero": "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py",
+    "ade20k_palette": "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py",
+}
 # mmseg's SegDataPreProcessor default for every ImageNet-pretrained config (0..255 scale, RGB).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
@@ -152,7 +163,15 @@ class SegmentationRewardModel(RewardModel):
     """Logits (B, C, h, w) on the decode head's grid; reward CE over valid pixels per sample."""
 
     task = "segmentation"
+    default_name_or_path = "mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py"
+    build_options = ("checkpoint", "label_format")
     needs_condition_column = True  # the condition is the dataset's control_seg palette image
+    default_condition_column = "control_seg"
+    needs_label_column = True
+    condition_is_palette = True
+    metric_script = "eval/eval_seg.py"
+    title = "Segmentation (ADE20K)"  # the released segmentation ControlNet++ is the ADE20K one
+    released_controlnet_subfolder = "checkpoints/seg/controlnet"
 
     def __init__(self, segmentor: torch.nn.Module, cfg, label_format: str):
         super().__init__()
@@ -204,6 +223,35 @@ class SegmentationRewardModel(RewardModel):
             state_dict = load_state_dict_file(path, "segmentation checkpoint", mmengine_checkpoint=True)
             load_state_dict_strict(segmentor, state_dict, "segmentation checkpoint", path)
         return cls(segmentor, cfg, label_format)
+
+    @classmethod
+    def benchmark_name(cls, dataset_name: str) -> str:
+        """ade20k or cocostuff (the paper's two segmentation rows), else the dataset folder's name."""
+        dataset = str(dataset_name).lower()
+        if "ade" in dataset:
+            return "ade20k"
+        if "coco" in dataset:
+            return "cocostuff"
+        return Path(str(dataset_name)).name
+
+    @classmethod
+    def evaluation_labels(cls, label_column: str | None, label_format: str | None,
+                          annotator: str | None) -> tuple[str | None, str | None, str | None]:
+        """A label column is required; its format defaults from its name, the annotator from the format."""
+        if label_column is None:
+            raise ValueError("segmentation needs --label_column: seg_map for ADE20K, panoptic_seg_map for COCO-Stuff")
+        if label_format is None:
+            if label_column not in LABEL_FORMAT_BY_COLUMN:
+                raise ValueError(f"cannot tell how --label_column {label_column} is written; pass --label_format")
+            label_format = LABEL_FORMAT_BY_COLUMN[label_column]
+        return label_column, label_format, annotator or EVALUATION_ANNOTATORS[label_format]
+
+    def label_annotation(self, label_image, resolution: int) -> np.ndarray:
+        """Class indices (255 = ignore) of the label image, resized nearest (no blended classes)."""
+        from PIL import Image
+
+        label = label_image_to_index(label_image, self.label_format)
+        return np.asarray(Image.fromarray(label.astype(np.uint8)).resize((resolution, resolution), Image.NEAREST))
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         # mmseg's data_preprocessor works on 0..255 RGB (bgr_to_rgb flips the BGR loader's output).

@@ -98,7 +98,7 @@ def test_lineart_stored_maps_are_the_originals_two_quantisations(toy_world):
 
 
 def test_depth_label_is_the_originals_full_size_min_max():
-    from eval.eval import depth_label
+    from reward_models.depth import depth_label
 
     rng = np.random.default_rng(2)
     depth = (rng.random((50, 70)) * 3000 + 500).astype(np.uint16)  # a 16-bit, non-square depth map

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from utils.data import (RESIZE_INTERPOLATIONS, RESIZE_MODES, ControlNetRows, collate_rows, load_dataset_any,
                         require_columns, to_rgb)
 from utils.diffusion import diffusion_target, masked_mean_reward, reward_window_mask, single_step_x0
+from reward_models import CONDITION_DETECTORS, REWARD_MODELS, reward_class
 from reward_models.base import per_sample_mean
 from utils.ema import ModelEMA
 from utils.io import atomic_write, hstack_images, save_image, save_json, vstack_images
@@ -42,8 +43,6 @@ CONFIG_FILE = "training_config.json"  # all resolved args, in the output dir and
 TRAIN_LOG_FILE = "train_log.jsonl"  # one JSON line of logged values per optimizer step, in the output dir
 CONTROLNET_SUBFOLDER = "controlnet"  # inside checkpoint-<N>/: training weights, diffusers format
 EMA_SUBFOLDER = "controlnet_ema"  # inside checkpoint-<N>/ and output_dir/: EMA weights, diffusers format
-REWARD_TASKS = ("canny", "hed", "lineart", "depth", "segmentation")  # == reward_models.REWARD_MODELS
-CONDITION_DETECTORS = ("canny", "hed", "lineart")  # the tasks whose condition is computed from the image
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +171,7 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
         a("--min_train_timesteps", type=int, default=None, help="the original's name of --timestep_sampling_start.")
         a("--max_train_timesteps", type=int, default=None, help="the original's name of --timestep_sampling_end.")
     if reward:
-        a("--task_name", required=True, choices=REWARD_TASKS, help="which reward model (paper Table 1).")
+        a("--task_name", required=True, choices=tuple(REWARD_MODELS), help="which reward model (paper Table 1).")
         a("--reward_model_name_or_path", default=None,
           help="reward model weights (default: the paper's, see reward_models.DEFAULT_REWARD_MODEL_PATHS).")
         a("--reward_model_checkpoint", default=None,
@@ -246,25 +245,12 @@ def resolve_label_column(args: argparse.Namespace, reward_model) -> None:
     """Segmentation without ``--label_column`` (the original's reward_ade20k.sh): the labels come from
     the ADE20K palette condition, mapped to classes at full size (REFERENCE.md "Data": the original
     mapped the bicubic-resized condition, blending border colours; see docs/FIDELITY.md)."""
-    if args.label_column is not None or not needs_label_column(args.task_name):
+    if args.label_column is not None or not reward_class(args.task_name).needs_label_column:
         return
     if getattr(reward_model, "label_format", None) != "ade20k_palette":
         raise ValueError(f"the reward model's labels are {getattr(reward_model, 'label_format', None)!r}, not ADE20K "
                          "palette images: pass --label_column (panoptic_seg_map for COCO-Stuff).")
     args.label_column = args.conditioning_image_column
-
-
-def _reward_class(task: str):
-    from reward_models import REWARD_MODELS
-
-    return REWARD_MODELS[task]
-
-
-def needs_label_column(task: str) -> bool:
-    """Whether the task's reward compares against a label map (it turns label images into classes)."""
-    from reward_models.base import RewardModel
-
-    return _reward_class(task).label_from_image is not RewardModel.label_from_image
 
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -333,18 +319,18 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                 f"range [--timestep_sampling_start {args.timestep_sampling_start}, --timestep_sampling_end "
                 f"{args.timestep_sampling_end}); otherwise no sample is ever rewarded. The paper uses 0..200."
             )
-        reward_class = _reward_class(args.task_name)
-        if reward_class.needs_condition_column and args.conditioning_image_column is None:
+        reward_model = reward_class(args.task_name)
+        if reward_model.needs_condition_column and args.conditioning_image_column is None:
             raise ValueError(f"--task_name {args.task_name} reads its condition from the dataset: pass "
                              "--conditioning_image_column (control_depth for depth, control_seg for segmentation).")
-        if not reward_class.needs_condition_column and args.conditioning_image_column is not None:
+        if not reward_model.needs_condition_column and args.conditioning_image_column is not None:
             raise ValueError(f"--task_name {args.task_name} computes its condition from the image with the reward "
                              "model (as at evaluation); drop --conditioning_image_column.")
-        if needs_label_column(args.task_name) and args.label_column is None and args.label_format not in (
+        if reward_model.needs_label_column and args.label_column is None and args.label_format not in (
                 None, "ade20k_palette"):
             raise ValueError(f"--task_name {args.task_name} with --label_format {args.label_format} compares against "
                              "class-index maps: pass --label_column (panoptic_seg_map for COCO-Stuff).")
-        if not needs_label_column(args.task_name):
+        if not reward_model.needs_label_column:
             for flag in ("label_column", "label_format", "reward_model_checkpoint"):
                 if getattr(args, flag) is not None:
                     raise ValueError(f"--task_name {args.task_name} has no labels nor config-based reward model; "
