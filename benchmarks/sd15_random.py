@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder to write sd15/ and controlnet/ into.")
     parser.add_argument("--tokenizer", required=True,
-                        help="a CLIPTokenizer folder (SD1.5's; `python -m utils.toy` writes one in toy-sd15/tokenizer).")
+                        help="a CLIPTokenizer folder (SD1.5's; `python -m toy.world` writes one in toy-sd15/tokenizer).")
     parser.add_argument("--seed", type=int, default=0)
     options = parser.parse_args(argv)
 
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from train_step import build_models
-    from utils.toy import SD15_SCHEDULER_CONFIG, _write_json
+    from toy.world import SD15_SCHEDULER_CONFIG  # SD1.5's scheduler config, as the toy world writes it
+    from utils.io import save_json
 
     out = Path(options.out)
     sd = out / "sd15"
@@ -48,14 +49,14 @@ def main(argv: list[str] | None = None) -> None:
     parts.vae.save_pretrained(sd / "vae")
     text_encoder.save_pretrained(sd / "text_encoder")
     shutil.copytree(options.tokenizer, sd / "tokenizer", dirs_exist_ok=True)
-    _write_json(sd / "scheduler" / "scheduler_config.json", {"_class_name": "DDPMScheduler", **SD15_SCHEDULER_CONFIG})
-    _write_json(sd / "model_index.json", {
+    save_json({"_class_name": "DDPMScheduler", **SD15_SCHEDULER_CONFIG}, sd / "scheduler" / "scheduler_config.json")
+    save_json({
         "_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None],
         "requires_safety_checker": False, "safety_checker": [None, None],
         "scheduler": ["diffusers", "DDPMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-    })
+    }, sd / "model_index.json")
     ControlNetModel.from_unet(parts.unet, conditioning_embedding_out_channels=(16, 32, 96, 256)).save_pretrained(
         out / "controlnet")
     print(f"wrote {sd} and {out / 'controlnet'}")

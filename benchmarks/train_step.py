@@ -103,7 +103,7 @@ def build_models(real_shapes: bool, device: str, seed: int = 0, dtype: torch.dty
         )
         text_config = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
                                      num_hidden_layers=1, max_position_embeddings=TEXT_TOKENS)
-    else:  # the toy world's shapes (utils/toy.py)
+    else:  # the toy world's shapes (toy/world.py)
         unet = UNet2DConditionModel(
             sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),

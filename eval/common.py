@@ -42,7 +42,7 @@ _REUSED: dict | None = None
 def enable_reuse() -> None:
     """Let later evaluations in this process reuse what earlier ones built: the frozen pipeline
     parts, the annotator and evaluation models, the real images' conditions and FID statistics.
-    For sweeps that evaluate many checkpoints of one setup in one process (experiments/toy_table.py);
+    For sweeps that evaluate many checkpoints of one setup in one process (toy/experiment.py);
     off by default, so a single evaluation keeps nothing in memory beyond its own run."""
     global _REUSED
     if _REUSED is None:

@@ -29,39 +29,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: utils
 import argparse
 import os
 
-from inference.common import (
+from inference.generation import (
     DEFAULT_CANNY_HIGH_THRESHOLD,
     DEFAULT_CANNY_LOW_THRESHOLD,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_RESOLUTION,
-    DEFAULT_SD_PATH,
     DEFAULT_SEED,
     DEFAULT_STEPS,
     DTYPES,
-    HelpFormatter,
     TASKS,
     TOY_RESOLUTION,
+    HelpFormatter,
     InferenceError,
-    ModelCache,
     choose_device_and_dtype,
-    extract_condition,
     generate_images,
     generation_size,
-    load_toy_world,
     resize_image,
-    resolve_controlnet_path,
 )
+from inference.models import ModelCache, extract_condition
+from inference.paths import DEFAULT_SD_PATH, resolve_controlnet_path, toy_model_paths
+from reward_models import reward_class
 from utils.images import to_mode
 
 DEFAULT_TOY_DIR = "work_dirs/toy"
-TAB_TITLES = {
-    "canny": "Canny",
-    "hed": "SoftEdge (HED)",
-    "lineart": "LineArt",
-    "depth": "Depth",
-    "segmentation": "Segmentation (ADE20K)",
-}
 MAX_IMAGES = 4
 IMAGE_HEIGHT = 300  # pixels on the page; toy images (64 px) are scaled up to it
 MAX_RESOLUTION = 1024
@@ -129,7 +120,7 @@ class Demo:
             return None
         image = resize_image(to_mode(image, "RGB"), generation_size(*image.size, int(resolution)))
         with self.models.lock:
-            return extract_condition(self.models.annotator(task, canny_low, canny_high), image)
+            return extract_condition(self.models.annotator(task), image, (canny_low, canny_high))
 
     def generate(self, task: str, image, prompt: str, negative_prompt: str, num_images: float, resolution: float,
                  steps: float, guidance_scale: float, controlnet_conditioning_scale: float, seed: float,
@@ -145,8 +136,8 @@ class Demo:
                 self.models.pipeline(task), condition, prompt or "", negative_prompt=negative_prompt,
                 num_images=int(num_images), steps=int(steps), guidance_scale=float(guidance_scale),
                 controlnet_conditioning_scale=float(controlnet_conditioning_scale), seed=int(seed))
-            annotator = self.models.annotator(task, canny_low, canny_high)
-            cycle = [extract_condition(annotator, generated) for generated in images]
+            annotator = self.models.annotator(task)
+            cycle = [extract_condition(annotator, generated, (canny_low, canny_high)) for generated in images]
         return condition, images, cycle
 
 
@@ -194,12 +185,14 @@ def task_tab(demo: Demo, task: str) -> None:
                     conditioning_scale = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="ControlNet scale",
                                                    elem_id=f"{task}-controlnet-scale")
                 thresholds = []  # the canny tab's extra input, passed after the common ones
-                if task == "canny":
+                annotator_class = reward_class(task)
+                if annotator_class.annotation_thresholds is not None:
                     # The original demo's two sliders (hysteresis: low <= high).
-                    thresholds = [gr.Slider(0.01, 0.99, value=DEFAULT_CANNY_LOW_THRESHOLD, step=0.01,
-                                            label="Canny low threshold", elem_id="canny-threshold"),
-                                  gr.Slider(0.01, 0.99, value=DEFAULT_CANNY_HIGH_THRESHOLD, step=0.01,
-                                            label="Canny high threshold", elem_id="canny-high-threshold")]
+                    low, high = annotator_class.annotation_thresholds
+                    thresholds = [gr.Slider(0.01, 0.99, value=low, step=0.01, label=f"{annotator_class.title} low "
+                                            "threshold", elem_id=f"{task}-threshold"),
+                                  gr.Slider(0.01, 0.99, value=high, step=0.01, label=f"{annotator_class.title} high "
+                                            "threshold", elem_id=f"{task}-high-threshold")]
                 negative_prompt = gr.Textbox(DEFAULT_NEGATIVE_PROMPT, label="Negative prompt")
         with gr.Column():
             condition = gr.Image(label="Condition (extracted from the input)", type="pil", format="png",
@@ -237,7 +230,7 @@ def build_app(demo: Demo, tasks: list[str], description: str):
             gr.Markdown(description)
         with gr.Tabs():
             for task in tasks:
-                with gr.Tab(TAB_TITLES[task], id=task, elem_id=f"{task}-tab"):
+                with gr.Tab(reward_class(task).title, id=task, elem_id=f"{task}-tab"):
                     task_tab(demo, task)
     return blocks
 
@@ -249,11 +242,11 @@ def main(args=None) -> None:
     controlnet_paths, annotator_paths = dict(args.controlnet_path), dict(args.reward_model_name_or_path)
     sd_path, resolution = args.sd_path, args.resolution
     if args.toy:
-        toy = load_toy_world(args.toy)
-        sd_path = sd_path or toy.sd_path
-        controlnet_paths = {task: controlnet_paths.get(task, toy.controlnet_path) for task in TASKS}
-        annotator_paths = {**{task: toy.annotator_path(task) for task in args.tasks if task not in annotator_paths},
-                           **annotator_paths}
+        toy_sd_path, toy_controlnet_path, toy_annotators = toy_model_paths(
+            args.toy, [task for task in args.tasks if task not in annotator_paths])
+        sd_path = sd_path or toy_sd_path
+        controlnet_paths = {task: controlnet_paths.get(task, toy_controlnet_path) for task in TASKS}
+        annotator_paths = {**toy_annotators, **annotator_paths}
         resolution = resolution or TOY_RESOLUTION
     sd_path, resolution = sd_path or DEFAULT_SD_PATH, resolution or DEFAULT_RESOLUTION
     # Local ControlNet folders are checked now, so a wrong path fails at start, not at the first click.
@@ -264,10 +257,11 @@ def main(args=None) -> None:
     device, dtype = choose_device_and_dtype(args.device, args.dtype)
     models = ModelCache(sd_path, controlnet_paths, annotator_paths, device=device, dtype=dtype,
                         annotator_checkpoint=args.reward_model_checkpoint)
+    default_annotator = {task: "paper default" if reward_class(task).has_weights else "no weights" for task in args.tasks}
     description = "\n".join(
         [f"- Stable Diffusion: `{models.sd_path}` on {device}, {str(dtype).removeprefix('torch.')}"]
-        + [f"- {TAB_TITLES[task]}: ControlNet `{controlnet_paths.get(task, 'released ControlNet++ (hub)')}`, "
-           f"annotator `{annotator_paths.get(task) or ('no weights' if task == 'canny' else 'paper default')}`"
+        + [f"- {reward_class(task).title}: ControlNet `{controlnet_paths.get(task, 'released ControlNet++ (hub)')}`, "
+           f"annotator `{annotator_paths.get(task) or default_annotator[task]}`"
            for task in args.tasks]
         + (["- **Toy world**: random tiny models; the images are noise-like by design."] if args.toy else []))
 

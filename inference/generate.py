@@ -46,33 +46,31 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from inference.common import (
+from inference.generation import (
     DEFAULT_CANNY_HIGH_THRESHOLD,
     DEFAULT_CANNY_LOW_THRESHOLD,
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_NEGATIVE_PROMPT,
     DEFAULT_RESOLUTION,
-    DEFAULT_SD_PATH,
     DEFAULT_SEED,
     DEFAULT_STEPS,
     DTYPES,
-    HelpFormatter,
-    IMAGE_SUFFIXES,
     TASKS,
     TOY_RESOLUTION,
+    HelpFormatter,
     InferenceError,
-    ModelCache,
     choose_device_and_dtype,
-    extract_condition,
     generate_images,
     generation_size,
     load_image,
-    load_toy_world,
-    make_grid,
     resize_image,
-    resolve_controlnet_path,
 )
-from utils.io import save_image, save_json
+from inference.models import ModelCache, extract_condition
+from inference.paths import DEFAULT_SD_PATH, resolve_controlnet_path, toy_model_paths
+from reward_models import reward_class
+from utils.io import hstack_images, save_image, save_json
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def parse_args(args=None) -> argparse.Namespace:
@@ -263,6 +261,13 @@ def rows_from_list(list_file: Path, default_prompt: str | None) -> list[Row]:
     return rows
 
 
+def make_grid(images: list[Image.Image]) -> Image.Image:
+    """The images side by side in one row (all resized to the first one's height)."""
+    height = images[0].height
+    return hstack_images([im if im.height == height else im.resize((round(im.width * height / im.height), height))
+                          for im in images])
+
+
 def output_paths(output_dir: Path, name: str, num_images: int) -> dict:
     return {
         "images": [output_dir / "images" / f"{name}_{k}.png" for k in range(num_images)],
@@ -301,14 +306,14 @@ def generate_row(row: Row, models: ModelCache, args, task: str | None) -> tuple[
     if row.image is not None:
         image = load_image(row.image, row.where)
         image = resize_image(image, generation_size(*image.size, args.resolution))
-        annotator = models.annotator(task, args.canny_low_threshold, args.canny_high_threshold)
-        condition = extract_condition(annotator, image)
+        condition = extract_condition(models.annotator(task), image,
+                                      (args.canny_low_threshold, args.canny_high_threshold))
     else:
         image = None
         condition = load_image(row.condition, row.where)
         # Segmentation palettes must keep their exact colours: nearest, never interpolated.
         condition = resize_image(condition, generation_size(*condition.size, args.resolution),
-                                 nearest=task == "segmentation")
+                                 nearest=task is not None and reward_class(task).condition_is_palette)
     images = generate_images(
         models.pipeline(task), condition, row.prompt, negative_prompt=args.negative_prompt,
         num_images=args.num_images, steps=args.steps, guidance_scale=args.guidance_scale,
@@ -319,11 +324,12 @@ def generate_row(row: Row, models: ModelCache, args, task: str | None) -> tuple[
 def resolve_model_paths(args) -> None:
     """Fill the model paths from --toy and the defaults (in place)."""
     if args.toy:
-        toy = load_toy_world(args.toy)
-        args.sd_path = args.sd_path or toy.sd_path
-        args.controlnet_path = args.controlnet_path or toy.controlnet_path
-        if args.task is not None and args.reward_model_name_or_path is None:
-            args.reward_model_name_or_path = toy.annotator_path(args.task)
+        annotated = [args.task] if args.task is not None and args.reward_model_name_or_path is None else []
+        sd_path, controlnet_path, annotators = toy_model_paths(args.toy, annotated)
+        args.sd_path = args.sd_path or sd_path
+        args.controlnet_path = args.controlnet_path or controlnet_path
+        if annotated:
+            args.reward_model_name_or_path = annotators[args.task]
         args.resolution = args.resolution or TOY_RESOLUTION
     args.sd_path = args.sd_path or DEFAULT_SD_PATH
     args.resolution = args.resolution or DEFAULT_RESOLUTION
@@ -377,7 +383,7 @@ def generate_rows(args, rows: list[Row], output_dir: Path, device, dtype) -> dic
         "resolution": args.resolution,
         "dtype": str(dtype).removeprefix("torch."),
     }
-    if task == "canny":
+    if task is not None and reward_class(task).annotation_thresholds is not None:  # canny
         settings["canny_low_threshold"] = args.canny_low_threshold
         settings["canny_high_threshold"] = args.canny_high_threshold
 

@@ -68,7 +68,7 @@ MUTANTS: list[Mutant] = [
            "return ((images.float() * 255.0 - self.mean.float()) / self.std.float()).to(self.dtype)",
            "return ((images.float() - self.mean.float()) / self.std.float()).to(self.dtype)",
            (T_SEG_INPUT,), "the segmentation reward's input loses mmseg's 0..255 scale"),
-    Mutant("toy-table-bolds-the-worst", "experiments/toy_table.py",
+    Mutant("toy-table-bolds-the-worst", "toy/experiment.py",
            'best = (max if entry["higher_is_better"] else min)',
            'best = (min if entry["higher_is_better"] else max)',
            ("tests/test_toy_experiment.py::test_table_bolds_the_best_variant_in_each_direction",),
@@ -266,7 +266,7 @@ def session_toy_world() -> Path:
     sys.path.insert(0, str(REPO_ROOT / "tests"))
     sys.path.insert(0, str(REPO_ROOT))
     import conftest
-    from utils.toy import make_toy_world
+    from toy.world import make_toy_world
 
     root = Path(os.environ.get("TOY_WORLD_DIR") or REPO_ROOT / "work_dirs" / f"pytest-toy-{conftest.toy_world_sources_hash()}")
     root.parent.mkdir(parents=True, exist_ok=True)

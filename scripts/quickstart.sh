@@ -9,7 +9,7 @@
 #   TOY=work_dirs/toy-pretrained bash scripts/quickstart.sh   # on the pretrained toy world
 #
 # The default toy models are tiny and random, so the numbers check the chain, not the method:
-# the toy-scale reproduction of the paper's claim is `python -m experiments.toy_table` (README).
+# the toy-scale reproduction of the paper's claim is `python -m toy.experiment` (README).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -27,14 +27,14 @@ OUT=${OUT:-work_dirs/quickstart}
 STEPS=${QUICKSTART_STEPS:-100}
 mkdir -p "$OUT"
 
-# TOY=work_dirs/toy-pretrained (written by `python -m experiments.toy_table` or utils.toy_pretrain)
+# TOY=work_dirs/toy-pretrained (written by `python -m toy.experiment` or toy.pretrain)
 # runs the same chain on the pretrained toy world, starting from its canny baseline ControlNet.
 if python -c "import json, sys; sys.exit(0 if 'pretrained' in json.load(open(sys.argv[1])) else 1)" \
     "$TOY/toy_world.json" 2>/dev/null; then
   stage "pretrained toy world: $TOY"
 else
   stage "toy world -> $TOY"
-  python -m utils.toy --out "$TOY"
+  python -m toy.world --out "$TOY"
 fi
 BASE=$TOY/toy-controlnet
 if [ -f "$TOY/controlnets/canny/diffusion_pytorch_model.safetensors" ]; then BASE=$TOY/controlnets/canny; fi

@@ -1,7 +1,7 @@
 """Shared fixtures: the toy world (generated once, cached between sessions) and an entry-point runner.
 
 The toy world is cached in ``work_dirs/pytest-toy-<hash>`` where the hash covers the sources
-that generate it (utils/toy.py, utils/tokenizer.py, reward_models/*.py), so editing a generator
+that generate it (toy/*.py, utils/tokenizer.py, reward_models/*.py), so editing a generator
 rebuilds it and an unchanged tree reuses it (10-30 s saved per session). Set
 ``TOY_WORLD_DIR`` to use another folder. A file lock makes parallel sessions wait for one
 generator instead of racing; ``make_toy_world`` also renames atomically.
@@ -30,8 +30,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_
 
 def toy_world_sources_hash() -> str:
     """Hash of every source file the toy world is generated from."""
-    sources = [REPO_ROOT / "utils" / "toy.py", REPO_ROOT / "utils" / "tokenizer.py",
-               *sorted((REPO_ROOT / "reward_models").glob("*.py"))]
+    sources = [REPO_ROOT / "toy" / "world.py", REPO_ROOT / "toy" / "reward_checkpoints.py",
+               REPO_ROOT / "utils" / "tokenizer.py", *sorted((REPO_ROOT / "reward_models").glob("*.py"))]
     digest = hashlib.sha256()
     for path in sources:
         digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
@@ -47,8 +47,8 @@ def repo_root() -> Path:
 
 @pytest.fixture(scope="session")
 def toy_world() -> Path:
-    """Path of a toy world (seed 0, 24 rows per split), see ``utils/toy.py``."""
-    from utils.toy import make_toy_world
+    """Path of a toy world (seed 0, 24 rows per split), see ``toy/world.py``."""
+    from toy.world import make_toy_world
 
     folder = os.environ.get("TOY_WORLD_DIR")
     root = Path(folder) if folder else REPO_ROOT / "work_dirs" / f"pytest-toy-{toy_world_sources_hash()}"
@@ -65,7 +65,7 @@ def toy_world() -> Path:
 @pytest.fixture(scope="session")
 def toy_manifest(toy_world: Path) -> dict:
     """The toy world's manifest, with absolute paths (``make_toy_world`` returns it quickly)."""
-    from utils.toy import make_toy_world
+    from toy.world import make_toy_world
 
     return make_toy_world(toy_world, seed=TOY_SEED, rows=TOY_ROWS)
 

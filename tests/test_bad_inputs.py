@@ -260,7 +260,7 @@ def test_generate_flags(fake_world, tmp_path, capsys, extra, message):
 
 
 def test_generate_inputs_are_named(fake_world, tmp_path, capsys):
-    from inference.common import InferenceError
+    from inference.generation import InferenceError
     from inference.generate import main, parse_args
 
     with pytest.raises(InferenceError, match=re.escape(f"--image: {tmp_path} is a folder, not an image file (pass it "
@@ -286,7 +286,7 @@ def test_generate_inputs_are_named(fake_world, tmp_path, capsys):
 
 
 def test_a_second_generate_on_a_busy_output_dir_refuses_naming_the_first(fake_world, tmp_path):
-    from inference.common import InferenceError
+    from inference.generation import InferenceError
     from inference.generate import main, parse_args
     from test_reliability import hold_lock
 
@@ -316,7 +316,8 @@ def test_a_failing_generate_rerun_leaves_the_finished_runs_config_alone(fake_wor
 
 
 def test_generate_sd_path_that_looks_local(fake_world, tmp_path, monkeypatch):
-    from inference.common import InferenceError, resolve_sd_path
+    from inference.generation import InferenceError
+    from inference.paths import resolve_sd_path
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "work_dirs").mkdir()
@@ -331,7 +332,7 @@ def test_generate_sd_path_that_looks_local(fake_world, tmp_path, monkeypatch):
 
 
 def test_16_bit_palette_cmyk_and_alpha_images_read_the_same_everywhere(tmp_path):
-    from inference.common import load_image, pil_to_tensor
+    from inference.generation import load_image, pil_to_tensor
     from utils.data import to_rgb
     from utils.images import read_image
 

@@ -304,7 +304,8 @@ def test_canny_training_input_is_the_original_unclamped_magnitude(toy_world, tmp
 def test_canny_evaluation_and_inference_edges_are_kornia_hysteresis():
     import kornia
 
-    from inference.common import CannyAnnotator
+    from inference.generation import pil_to_tensor, tensor_to_pil
+    from inference.models import extract_condition
     from reward_models import build_reward_model
 
     image = torch.zeros(1, 3, 32, 32)
@@ -317,9 +318,15 @@ def test_canny_evaluation_and_inference_edges_are_kornia_hysteresis():
     square[..., 4:12, 4:12] = 1.0
     # kornia 0.7 / 0.8 (the original's) drop both pixels of a tie across an edge: 26 edge pixels; 0.9 keeps 28.
     assert int(build_reward_model("canny").annotate(square)[0, 0].sum()) == 26
-    assert torch.equal(CannyAnnotator(0.1, 0.2).annotate(image), annotated)
+    canny = build_reward_model("canny")
+    assert torch.equal(canny.annotate(image, low_threshold=0.1, high_threshold=0.2), annotated)
     other = kornia.filters.canny(image, 0.3, 0.5)[1]
-    assert torch.equal(CannyAnnotator(0.3, 0.5).annotate(image), other.expand(-1, 3, -1, -1))
+    assert torch.equal(canny.annotate(image, low_threshold=0.3, high_threshold=0.5), other.expand(-1, 3, -1, -1))
+    # The demo's sliders and generate.py's flags reach annotate through inference's extract_condition.
+    picture = tensor_to_pil(image)
+    strict = pil_to_tensor(extract_condition(canny, picture, (0.3, 0.5)))
+    assert torch.equal(strict, canny.annotate(pil_to_tensor(picture), low_threshold=0.3, high_threshold=0.5))
+    assert not torch.equal(strict, pil_to_tensor(extract_condition(canny, picture)))
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""inference/generate.py and inference/common.py on the toy world.
+"""inference/generate.py and what it shares with the demo (inference/generation.py, paths.py, models.py)
+on the toy world.
 
 The generator runs in-process through `generate.main(argv)` (the entry point's own code, without
 paying a Python start-up per test) and once as a real subprocess. Assertions are on the files
@@ -19,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from inference import app, common, generate
-from inference.common import InferenceError
+from inference import app, generate, generation, models, paths
+from inference.generation import InferenceError
 from conftest import OFFLINE_ENV, REPO_ROOT
 
 FAST = ["--steps", "2", "--num_images", "2"]
@@ -77,45 +78,45 @@ def read(path: Path) -> np.ndarray:
 
 
 def test_generation_size_keeps_aspect_ratio_in_multiples_of_8():
-    assert common.generation_size(150, 100, 64) == (96, 64)
-    assert common.generation_size(100, 150, 64) == (64, 96)
-    assert common.generation_size(512, 512, 512) == (512, 512)
-    width, height = common.generation_size(640, 427, 512)  # a typical COCO photo
+    assert generation.generation_size(150, 100, 64) == (96, 64)
+    assert generation.generation_size(100, 150, 64) == (64, 96)
+    assert generation.generation_size(512, 512, 512) == (512, 512)
+    width, height = generation.generation_size(640, 427, 512)  # a typical COCO photo
     assert (width % 8, height % 8) == (0, 0) and height == 512
     assert abs(width / height - 640 / 427) < 8 / 512
     with pytest.raises(InferenceError, match="--resolution"):
-        common.generation_size(64, 64, 4)
+        generation.generation_size(64, 64, 4)
 
 
 def test_controlnet_path_accepts_training_outputs_and_rejects_other_folders(toy_world: Path, tmp_path: Path):
     controlnet = toy_world / "toy-controlnet"
-    assert common.resolve_controlnet_path(str(controlnet), "hed") == str(controlnet)
+    assert paths.resolve_controlnet_path(str(controlnet), "hed") == str(controlnet)
     # train/reward_control.py: <output_dir>/checkpoint-<N>/controlnet/; the checkpoint folder itself is accepted.
     checkpoint = tmp_path / "run" / "checkpoint-500"
     shutil.copytree(controlnet, checkpoint / "controlnet")
-    assert common.resolve_controlnet_path(str(checkpoint), "hed") == str(checkpoint / "controlnet")
-    assert common.resolve_controlnet_path(str(checkpoint / "controlnet"), "hed") == str(checkpoint / "controlnet")
+    assert paths.resolve_controlnet_path(str(checkpoint), "hed") == str(checkpoint / "controlnet")
+    assert paths.resolve_controlnet_path(str(checkpoint / "controlnet"), "hed") == str(checkpoint / "controlnet")
     shutil.copytree(controlnet, tmp_path / "run" / "checkpoint-1000" / "controlnet")
     with pytest.raises(InferenceError, match="checkpoint-1000"):  # unfinished run: points at the latest checkpoint
-        common.resolve_controlnet_path(str(tmp_path / "run"), "hed")
+        paths.resolve_controlnet_path(str(tmp_path / "run"), "hed")
 
     with pytest.raises(InferenceError, match="UNet2DConditionModel"):
-        common.resolve_controlnet_path(str(toy_world / "toy-sd15" / "unet"), "hed")
+        paths.resolve_controlnet_path(str(toy_world / "toy-sd15" / "unet"), "hed")
     with pytest.raises(InferenceError, match="--sd_path"):
-        common.resolve_controlnet_path(str(toy_world / "toy-sd15"), "hed")
+        paths.resolve_controlnet_path(str(toy_world / "toy-sd15"), "hed")
     (tmp_path / "empty").mkdir()
     with pytest.raises(InferenceError, match="no config.json"):
-        common.resolve_controlnet_path(str(tmp_path / "empty"), "hed")
+        paths.resolve_controlnet_path(str(tmp_path / "empty"), "hed")
     weightless = tmp_path / "weightless"
     weightless.mkdir()
     shutil.copy(controlnet / "config.json", weightless)
     with pytest.raises(InferenceError, match="no weights"):
-        common.resolve_controlnet_path(str(weightless), "hed")
+        paths.resolve_controlnet_path(str(weightless), "hed")
     with pytest.raises(InferenceError, match="no such folder"):
-        common.resolve_controlnet_path(str(tmp_path / "missing" / "controlnet"), "hed")
+        paths.resolve_controlnet_path(str(tmp_path / "missing" / "controlnet"), "hed")
     # owner/name is a hub id, left to diffusers.
     hub_id = "lllyasviel/control_v11p_sd15_canny"
-    assert common.resolve_controlnet_path(hub_id, "canny") == hub_id
+    assert paths.resolve_controlnet_path(hub_id, "canny") == hub_id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ def test_controlnet_path_accepts_training_outputs_and_rejects_other_folders(toy_
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("task", common.TASKS)
+@pytest.mark.parametrize("task", generation.TASKS)
 def test_single_image_writes_images_condition_and_grid(task: str, toy_world: Path, inputs: dict, tmp_path: Path):
     out = tmp_path / "out"
     counts = generate.main(["--toy", str(toy_world), "--task", task, "--image", str(inputs["wide"]),
@@ -327,9 +328,9 @@ def test_model_cache_loads_each_controlnet_once_and_shares_sd(toy_world: Path, t
     second = tmp_path / "second-controlnet"
     shutil.copytree(toy_world / "toy-controlnet", second)
     loads = []
-    real_load = common.load_controlnet
-    monkeypatch.setattr(common, "load_controlnet", lambda path, dtype: loads.append(path) or real_load(path, dtype))
-    cache = common.ModelCache(str(toy_world / "toy-sd15"),
+    real_load = models.load_controlnet
+    monkeypatch.setattr(models, "load_controlnet", lambda path, dtype: loads.append(path) or real_load(path, dtype))
+    cache = models.ModelCache(str(toy_world / "toy-sd15"),
                               {"hed": str(toy_world / "toy-controlnet"), "depth": str(second)}, max_controlnets=1)
     hed, depth, hed_again = cache.pipeline("hed"), cache.pipeline("depth"), cache.pipeline("hed")
     assert hed.unet is depth.unet is hed_again.unet  # Stable Diffusion loaded once

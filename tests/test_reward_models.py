@@ -1,6 +1,6 @@
 """Reward models: loading in the published formats, values, gradients, per-sample losses.
 
-Every model loads from the toy checkpoints written by ``reward_models.toy`` (same keys as
+Every model loads from the toy checkpoints written by ``toy.reward_checkpoints`` (same keys as
 the published files, smaller widths). Canny is checked against an independent numpy/scipy
 implementation; segmentation also builds the real mmseg configs with random weights.
 """
@@ -18,7 +18,7 @@ from reward_models import DEFAULT_REWARD_MODEL_PATHS, REWARD_MODELS, build_rewar
 from reward_models.base import load_state_dict_file
 from reward_models.canny import canny_edges, canny_magnitude
 from reward_models.palettes import ADE20K_PALETTE, ADE20K_PALETTE_WITH_BACKGROUND, COCO_STUFF_PALETTE, ade20k_palette_to_label
-from reward_models.toy import write_toy_dpt, write_toy_hed, write_toy_lineart, write_toy_segmenter
+from toy.reward_checkpoints import write_toy_dpt, write_toy_hed, write_toy_lineart, write_toy_segmenter
 
 ODD_SIZE = (70, 54)
 

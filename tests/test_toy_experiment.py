@@ -1,4 +1,4 @@
-"""The toy-scale experiment (experiments/toy_table.py): ControlNet vs ControlNet++ vs Ctrl-U.
+"""The toy-scale experiment (toy/experiment.py): ControlNet vs ControlNet++ vs Ctrl-U.
 
 Default tier: the whole command at its small size on a copy of the test toy world (two tasks,
 two seeds, a few steps): baselines via train/train_controlnet.py, every variant through its
@@ -25,7 +25,7 @@ SEEDS = (0, 1)
 @pytest.fixture(scope="module")
 def small_experiment(toy_world, tmp_path_factory):
     needs_mmseg("ade20k")
-    from experiments import toy_table
+    from toy import experiment
 
     root = tmp_path_factory.mktemp("experiment")
     world = root / "world"  # baselines are written into the world: a copy, not the shared fixture
@@ -33,18 +33,18 @@ def small_experiment(toy_world, tmp_path_factory):
     out = root / "out"
     argv = ["--size", "small", "--pretrained", str(world), "--out", str(out), "--tasks", *TASKS,
             "--seeds", *map(str, SEEDS), "--train_flags", "--ema_decay", "0.99"]
-    results = toy_table.main(argv)
-    return toy_table, world, out, argv, results
+    results = experiment.main(argv)
+    return experiment, world, out, argv, results
 
 
 def test_the_table_and_results_come_from_the_runs_evaluations(small_experiment):
-    toy_table, world, out, _, results = small_experiment
+    experiment, world, out, _, results = small_experiment
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["tasks"].keys() == set(TASKS) and on_disk["size"]["seeds"] == list(SEEDS)
     for task in TASKS:
-        spec = toy_table.TASKS[task]
+        spec = experiment.TASKS[task]
         entry = on_disk["tasks"][task]
-        for variant in toy_table.VARIANTS:
+        for variant in experiment.VARIANTS:
             per_seed = []
             for seed in SEEDS:  # read independently from each evaluation folder
                 evaluation = json.loads((out / "eval" / task / variant / f"seed{seed}" / "results.json").read_text())
@@ -62,7 +62,7 @@ def test_the_table_and_results_come_from_the_runs_evaluations(small_experiment):
         assert len(rows) == 2, rows  # metric and FID rows
         # Every cell is the value of results.json, formatted as the table formats it.
         metric_cells, fid_cells = (row.strip("|").split("|")[2:] for row in rows)
-        for variant, metric_cell, fid_cell in zip(toy_table.VARIANTS, metric_cells, fid_cells):
+        for variant, metric_cell, fid_cell in zip(experiment.VARIANTS, metric_cells, fid_cells):
             metric, fid = entry["variants"][variant]["metric"], entry["variants"][variant]["fid"]
             assert metric_cell.strip().strip("*") == f"{metric['mean']:.4g} ± {metric['std']:.2g}"
             assert fid_cell.strip() == f"{fid['mean']:.4g} ± {fid['std']:.2g}"
@@ -83,9 +83,9 @@ def _results(rows: dict) -> dict:
 
 
 def test_table_bolds_the_best_variant_in_each_direction():
-    from experiments import toy_table
+    from toy import experiment
 
-    table = toy_table.table_markdown(_results({
+    table = experiment.table_markdown(_results({
         "up": (True, {"controlnet": 3.0, "controlnet_pp": 5.0, "ctrl_u": 4.0}),  # higher is better: 5
         "down": (False, {"controlnet": 3.0, "controlnet_pp": 5.0, "ctrl_u": 4.0}),  # lower is better: 3
     }))
@@ -97,20 +97,20 @@ def test_table_bolds_the_best_variant_in_each_direction():
 
 
 def test_each_variant_trained_as_specified(small_experiment):
-    toy_table, world, out, _, _ = small_experiment
+    experiment, world, out, _, _ = small_experiment
     baseline = json.loads((world / "controlnets" / "hed" / "training_config.json").read_text())
-    assert baseline["condition_detector"] == "hed" and baseline["max_train_steps"] == toy_table.SIZES["small"].baseline_steps
+    assert baseline["condition_detector"] == "hed" and baseline["max_train_steps"] == experiment.SIZES["small"].baseline_steps
     for task in TASKS:
-        paper = toy_table.paper_grad_scale(toy_table.TASKS[task].launcher)
+        paper = experiment.paper_grad_scale(experiment.TASKS[task].launcher)
         configs = {variant: json.loads((out / "runs" / task / variant / "seed1" / "training_config.json").read_text())
-                   for variant in toy_table.VARIANTS}
+                   for variant in experiment.VARIANTS}
         for config in configs.values():  # same data, seed, steps and start for all three
-            assert config["seed"] == 1 and config["max_train_steps"] == toy_table.SIZES["small"].steps
+            assert config["seed"] == 1 and config["max_train_steps"] == experiment.SIZES["small"].steps
             assert config["ema_decay"] == 0.99  # --train_flags reach every run
             assert Path(config["controlnet_model_name_or_path"]) == world / "controlnets" / task
             assert config["gradient_checkpointing"] is False and config["learning_rate"] == 1e-3
         assert configs["controlnet"]["grad_scale"] == 0
-        assert configs["controlnet_pp"]["grad_scale"] == pytest.approx(paper * toy_table.TOY_GRAD_SCALE_FACTOR)
+        assert configs["controlnet_pp"]["grad_scale"] == pytest.approx(paper * experiment.TOY_GRAD_SCALE_FACTOR)
         assert not configs["controlnet_pp"]["uncertainty_weighting"]
         assert configs["ctrl_u"]["uncertainty_weighting"] and configs["ctrl_u"]["max_timestep_rewarding"] == 400
         # The reward is logged for the diffusion-only run too (computed without gradient).
@@ -120,10 +120,10 @@ def test_each_variant_trained_as_specified(small_experiment):
 
 
 def test_a_second_run_reuses_everything(small_experiment):
-    toy_table, world, out, argv, results = small_experiment
+    experiment, world, out, argv, results = small_experiment
     weights = out / "runs" / "hed" / "controlnet_pp" / "seed0" / "diffusion_pytorch_model.safetensors"
     before = weights.stat().st_mtime_ns
-    again = toy_table.main(argv)
+    again = experiment.main(argv)
     assert weights.stat().st_mtime_ns == before  # nothing retrained
     assert again["tasks"] == results["tasks"]
 
@@ -132,7 +132,7 @@ def test_jobs_start_after_the_jobs_they_depend_on(tmp_path):
     """A task's evaluation waits for its runs; a dependency that is not scheduled counts as done."""
     import sys
 
-    from experiments.toy_table import Job, run_jobs
+    from toy.experiment import Job, run_jobs
 
     order = tmp_path / "order.txt"
 
@@ -152,7 +152,7 @@ def test_jobs_start_after_the_jobs_they_depend_on(tmp_path):
 
 
 def test_an_output_folder_made_with_other_settings_is_refused(tmp_path):
-    from experiments.toy_table import SIZES, check_reused_settings
+    from toy.experiment import SIZES, check_reused_settings
 
     out, world = tmp_path / "out", tmp_path / "world"
     check_reused_settings(out, SIZES["full"], world)
@@ -173,8 +173,8 @@ def test_an_output_folder_made_with_other_settings_is_refused(tmp_path):
 @pytest.mark.slow
 def test_the_full_toy_experiment(tmp_path):
     """The README's experiment: six tasks, three seeds (about 15 minutes with the pretrained world present)."""
-    from experiments import toy_table
+    from toy import experiment
 
-    results = toy_table.main(["--out", str(tmp_path / "out")])
-    assert set(results["tasks"]) == set(toy_table.TASKS) and results["size"]["seeds"] == [0, 1, 2]
+    results = experiment.main(["--out", str(tmp_path / "out")])
+    assert set(results["tasks"]) == set(experiment.TASKS) and results["size"]["seeds"] == [0, 1, 2]
     assert (tmp_path / "out" / "table.md").read_text().count("±") == 6 * 2 * 3

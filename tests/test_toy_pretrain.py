@@ -1,4 +1,4 @@
-"""utils/toy_pretrain.py: the pretrained toy world learns, loads like the random one, and is reproducible.
+"""toy/pretrain.py: the pretrained toy world learns, loads like the random one, and is reproducible.
 
 One ``--budget small`` run on the 24-row session toy world (about 1 minute on 2 busy cores) is
 shared by the tests; the determinism test runs the command a second time in a fresh process.
@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from conftest import run_entry
-from utils import toy, toy_pretrain
+import toy.pretrain
+import toy.world
 
 MODELS = ("vae", "unet", "hed", "lineart", "depth", "segmentation_ade20k", "segmentation_cocostuff")
 
@@ -23,7 +24,7 @@ MODELS = ("vae", "unet", "hed", "lineart", "depth", "segmentation_ade20k", "segm
 @pytest.fixture(scope="module")
 def pretrained(toy_world, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("pretrain") / "world"
-    manifest = toy_pretrain.main(["--toy", str(toy_world), "--out", str(out), "--seed", "0", "--budget", "small"])
+    manifest = toy.pretrain.main(["--toy", str(toy_world), "--out", str(out), "--seed", "0", "--budget", "small"])
     return out, manifest
 
 
@@ -35,7 +36,7 @@ def _rows(toy_world: Path, dataset: str, **columns) -> dict:
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(toy_world / "toy-sd15" / "tokenizer")
-    return toy_pretrain.load_rows(toy_world, dataset, tokenizer, **columns)
+    return toy.pretrain.load_rows(toy_world, dataset, tokenizer, **columns)
 
 
 def _boundaries(labels: np.ndarray) -> np.ndarray:
@@ -52,19 +53,19 @@ def _boundaries(labels: np.ndarray) -> np.ndarray:
 
 def test_every_loss_falls_and_the_manifest_is_complete(pretrained, toy_world):
     out, manifest = pretrained
-    assert json.loads((out / toy.MANIFEST_NAME).read_text()) == manifest
-    source = json.loads((toy_world / toy.MANIFEST_NAME).read_text())
-    # utils/toy.py's keys with the same values (same datasets, same paths), plus "pretrained".
+    assert json.loads((out / toy.world.MANIFEST_NAME).read_text()) == manifest
+    source = json.loads((toy_world / toy.world.MANIFEST_NAME).read_text())
+    # toy/world.py's keys with the same values (same datasets, same paths), plus "pretrained".
     assert set(manifest) == set(source) | {"pretrained"}
     assert all(manifest[key] == source[key] for key in ("generator_version", "seed", "rows", "paths"))
-    assert set(manifest["files"]) == set(_files(out)) - {toy.MANIFEST_NAME}
+    assert set(manifest["files"]) == set(_files(out)) - {toy.world.MANIFEST_NAME}
     assert set(manifest["files"]) == set(source["files"])  # exactly the same layout
     pretrained_section = manifest["pretrained"]
     assert (pretrained_section["budget"], pretrained_section["seed"]) == ("small", 0)
     records = pretrained_section["models"]
     assert set(records) == set(MODELS)
     for name, record in records.items():
-        assert record["steps"] == toy_pretrain.BUDGETS["small"][name].steps
+        assert record["steps"] == toy.pretrain.BUDGETS["small"][name].steps
 
 
 def test_vae_and_unet_fit_the_rows_better_than_the_random_world(pretrained, toy_world):
@@ -104,7 +105,7 @@ def test_vae_scaling_factor_is_one_over_latent_std(pretrained, toy_world):
 
     out, manifest = pretrained
     vae = AutoencoderKL.from_pretrained(out / "toy-sd15" / "vae").eval()
-    assert vae.config.scaling_factor == manifest["pretrained"]["models"]["vae"]["scaling_factor"] != toy.VAE_SCALING_FACTOR
+    assert vae.config.scaling_factor == manifest["pretrained"]["models"]["vae"]["scaling_factor"] != toy.world.VAE_SCALING_FACTOR
     # The toy's VAE config, but for the scaling factor and the GroupNorm groups (see the module).
     written, source = (json.loads((world / "toy-sd15" / "vae" / "config.json").read_text()) for world in (out, toy_world))
     assert {key for key in written.keys() | source.keys() if written.get(key) != source.get(key)} == {
@@ -180,7 +181,7 @@ def test_loads_through_the_pipeline_and_the_reward_registry(pretrained, toy_worl
 def test_same_seed_same_bytes_in_a_new_process(pretrained, toy_world, tmp_path):
     out, _ = pretrained
     again = tmp_path / "again"
-    run_entry(["-m", "utils.toy_pretrain", "--toy", str(toy_world), "--out", str(again), "--budget", "small"])
+    run_entry(["-m", "toy.pretrain", "--toy", str(toy_world), "--out", str(again), "--budget", "small"])
     first, second = _files(out), _files(again)
     assert first.keys() == second.keys()
     assert [name for name in first if first[name] != second[name]] == []
@@ -190,5 +191,5 @@ def test_same_seed_same_bytes_in_a_new_process(pretrained, toy_world, tmp_path):
 def test_refuses_to_replace_a_folder_that_is_not_a_toy_world(toy_world, tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
     with pytest.raises(FileExistsError, match="not a toy world"):
-        toy_pretrain.pretrain_toy_world(toy_world, tmp_path, budget="small")
+        toy.pretrain.pretrain_toy_world(toy_world, tmp_path, budget="small")
     assert (tmp_path / "mine.txt").read_text() == "precious"

@@ -1,4 +1,4 @@
-"""The toy world (utils/toy.py): determinism, SD1.5 layout, and labels that agree with the drawings.
+"""The toy world (toy/world.py): determinism, SD1.5 layout, and labels that agree with the drawings.
 
 Expected values are written out here (SD1.5's scheduler and token ids, mmseg's first palette
 colours) or recomputed independently from the scene description, not read back from the
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from utils import toy
+import toy.world
 
 DATASET_LAYOUT = {  # name -> {split: columns}, as on the hub (limingcv/...)
     "MultiGen-20M_train": {"train": ["image", "text"]},
@@ -31,14 +31,14 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):
-    first = toy.make_toy_world(tmp_path / "a", seed=0, rows=3)
-    toy.make_toy_world(tmp_path / "b", seed=0, rows=3)
-    toy.make_toy_world(tmp_path / "c", seed=1, rows=3)
+    first = toy.world.make_toy_world(tmp_path / "a", seed=0, rows=3)
+    toy.world.make_toy_world(tmp_path / "b", seed=0, rows=3)
+    toy.world.make_toy_world(tmp_path / "c", seed=1, rows=3)
     a, b, c = (_files(tmp_path / name) for name in "abc")
     assert len(a) > 40 and a.keys() == b.keys()
     assert [name for name in a if a[name] != b[name]] == []
     # The manifest lists every file with its size.
-    assert set(first["files"]) == set(a) - {toy.MANIFEST_NAME}
+    assert set(first["files"]) == set(a) - {toy.world.MANIFEST_NAME}
     assert all(len(a[name]) == size for name, size in first["files"].items())
     # Another seed: other weights and other data; no temporary folder left behind.
     for name in ("toy-sd15/unet/diffusion_pytorch_model.safetensors",
@@ -51,19 +51,19 @@ def test_same_seed_same_bytes_other_seed_other_weights(tmp_path):
     unet = tmp_path / "a" / "toy-sd15" / "unet" / "diffusion_pytorch_model.safetensors"
     mtime = unet.stat().st_mtime_ns
     start = time.perf_counter()
-    again = toy.make_toy_world(tmp_path / "a", seed=0, rows=3)
+    again = toy.world.make_toy_world(tmp_path / "a", seed=0, rows=3)
     assert time.perf_counter() - start < 2.0 and unet.stat().st_mtime_ns == mtime
     assert again["paths"]["sd15"] == str((tmp_path / "a" / "toy-sd15").resolve())
     # A truncated file makes the world incomplete: it is rebuilt.
     unet.write_bytes(b"")
-    toy.make_toy_world(tmp_path / "a", seed=0, rows=3)
+    toy.world.make_toy_world(tmp_path / "a", seed=0, rows=3)
     assert unet.read_bytes() == a["toy-sd15/unet/diffusion_pytorch_model.safetensors"]
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_toy_world(tmp_path):
     (tmp_path / "mine.txt").write_text("precious")
     with pytest.raises(FileExistsError, match="not a toy world"):
-        toy.make_toy_world(tmp_path, seed=0, rows=2)
+        toy.world.make_toy_world(tmp_path, seed=0, rows=2)
     assert (tmp_path / "mine.txt").read_text() == "precious"
 
 
@@ -143,17 +143,17 @@ def _load(toy_world: Path, name: str, split: str):
 
 def test_segmentation_maps_agree_with_the_shapes(toy_world):
     ade = _load(toy_world, "Captioned_ADE20K", "validation")
-    palette = toy.ade20k_palette()
+    palette = toy.world.ade20k_palette()
     # mmseg's ADE20K palette (mmseg/datasets/ade.py) after black for "other".
     assert palette.shape == (151, 3) and palette[:3].tolist() == [[0, 0, 0], [120, 120, 120], [180, 120, 120]]
     # The toy parses mmseg's source; the reward models carry a copied table: they must agree.
     from reward_models.palettes import ADE20K_PALETTE, COCO_STUFF_PALETTE
 
     assert palette[1:].tolist() == [list(c) for c in ADE20K_PALETTE]
-    assert toy.cocostuff_palette().tolist() == [list(c) for c in COCO_STUFF_PALETTE]
+    assert toy.world.cocostuff_palette().tolist() == [list(c) for c in COCO_STUFF_PALETTE]
     ade_shape_class = {"circle": 1 + 119, "square": 1 + 41, "triangle": 1 + 114}  # ball, box, tent
     for index in range(8):
-        row, scene = ade[index], toy.toy_scene(0, "Captioned_ADE20K", "validation", index)
+        row, scene = ade[index], toy.world.toy_scene(0, "Captioned_ADE20K", "validation", index)
         seg = np.asarray(row["seg_map"])
         assert seg.shape == (scene.height, scene.width) == (row["image"].height, row["image"].width)
         assert (np.asarray(row["control_seg"].convert("RGB")) == palette[seg]).all()
@@ -162,11 +162,11 @@ def test_segmentation_maps_agree_with_the_shapes(toy_world):
         assert (seg[0, 0] == 0) == scene.framed
 
     coco = _load(toy_world, "Captioned_COCOStuff", "train")
-    coco_palette = toy.cocostuff_palette()
+    coco_palette = toy.world.cocostuff_palette()
     coco_shape_class = {"circle": 32, "square": 62, "triangle": 33}  # sports ball, tv, kite
     saw_ignore = False
     for index in range(8):
-        row, scene = coco[index], toy.toy_scene(0, "Captioned_COCOStuff", "train", index)
+        row, scene = coco[index], toy.world.toy_scene(0, "Captioned_COCOStuff", "train", index)
         labels = np.asarray(row["panoptic_seg_map"])
         assert labels.shape == (scene.height, scene.width)
         assert set(np.unique(labels)) <= set(range(171)) | {255}
@@ -182,7 +182,7 @@ def test_segmentation_maps_agree_with_the_shapes(toy_world):
 def test_depth_maps_agree_with_the_shapes(toy_world):
     depth_rows = _load(toy_world, "MultiGen-20M_depth", "train")
     for index in range(8):
-        row, scene = depth_rows[index], toy.toy_scene(0, "MultiGen-20M_depth", "train", index)
+        row, scene = depth_rows[index], toy.world.toy_scene(0, "MultiGen-20M_depth", "train", index)
         depth = np.asarray(row["control_depth"].convert("L")).astype(int)
         assert depth.shape == (scene.height, scene.width)
         centres = [depth[s.cy, s.cx] for s in scene.shapes]
@@ -206,7 +206,7 @@ def test_rows_vary_like_real_data(toy_world):
     prompts = _load(toy_world, "Captioned_COCOStuff", "train")["prompt"]
     assert all(isinstance(p, list) for p in prompts) and {len(p) for p in prompts} == {1, 2, 3}
     # Captions describe the scene that was drawn.
-    scene = toy.toy_scene(0, "MultiGen-20M_train", "train", 0)
+    scene = toy.world.toy_scene(0, "MultiGen-20M_train", "train", 0)
     assert train[0]["text"].startswith(f"a{'n' if scene.shapes[0].colour[0] in 'aeiou' else ''} "
                                        f"{scene.shapes[0].colour} {scene.shapes[0].kind}")
 

@@ -1,6 +1,6 @@
 """The toy world: tiny models and datasets with the real layouts, for tests and CPU smoke runs.
 
-    python -m utils.toy --out work_dirs/toy [--seed 0] [--rows N]
+    python -m toy.world --out work_dirs/toy [--seed 0] [--rows N]
 
 writes, deterministically from the seed (same seed -> the same bytes in every file), in about
 10-30 s on two CPU cores (most of it imports and the reward models):
@@ -13,7 +13,7 @@ writes, deterministically from the seed (same seed -> the same bytes in every fi
                        depth maps and segmentation maps that agree with the drawing
     clip/              tiny CLIPModel + CLIPProcessor for the CLIP-score metric
     fid/inception-toy.pt  TorchScript feature net with clean-fid's Inception calling convention
-    reward_models/     tiny reward-model checkpoints (written by reward_models.toy)
+    reward_models/     tiny reward-model checkpoints (written by toy.reward_checkpoints)
     toy_world.json     manifest: generator version, seed, row counts, paths (relative to the
                        world's root) and every file with its size
 
@@ -579,10 +579,10 @@ def _write_inception(root: Path, seed: int) -> None:
 
 
 def _write_reward_models(root: Path, seed: int) -> dict[str, str]:
-    """Tiny reward-model checkpoints in the published formats (reward_models.toy owns them)."""
+    """Tiny reward-model checkpoints in the published formats (toy.reward_checkpoints owns them)."""
     import torch
 
-    from reward_models.toy import write_toy_reward_models
+    from toy.reward_checkpoints import write_toy_reward_models
 
     with torch.random.fork_rng(devices=[]):  # whatever it seeds, the caller's RNG state survives
         written = write_toy_reward_models(out_dir=root / "reward_models", seed=seed)
@@ -697,8 +697,57 @@ def make_toy_world(out: str | os.PathLike, seed: int = 0, rows: int | None = Non
     return _absolute(manifest, out)
 
 
+# ---------------------------------------------------------------------------------------------
+# Reading a toy world's model paths (inference's --toy)
+# ---------------------------------------------------------------------------------------------
+
+# The annotator of each task among the manifest's reward models. The toy world ships an ADE20K
+# and a COCO-Stuff segmenter; the demo's segmentation ControlNet (like the released one) is the
+# ADE20K model. canny has no weights.
+TOY_ANNOTATORS = {"hed": "hed", "lineart": "lineart", "depth": "depth", "segmentation": "segmentation_ade20k"}
+
+
+@dataclass(frozen=True)
+class ToyWorld:
+    """The model paths of a toy world, read from its toy_world.json."""
+
+    root: Path
+    sd_path: str
+    controlnet_path: str
+    annotators: dict  # task -> path of its annotator weights
+
+    def annotator_path(self, task: str) -> str | None:
+        """The toy annotator of `task` (None for a task whose reward model has no weights: canny).
+
+        A toy world without it fails here rather than falling back to the paper's weights, which
+        would be a download in the middle of a toy run.
+        """
+        from reward_models import reward_class
+
+        if not reward_class(task).has_weights:
+            return None
+        if task not in self.annotators:
+            raise FileNotFoundError(f"the toy world {self.root} has no {task} annotator (written by an older "
+                                    "toy/world.py?); delete the folder and run again to rewrite it.")
+        return self.annotators[task]
+
+
+def read_toy_world(folder: str | os.PathLike) -> ToyWorld:
+    """The toy world in `folder`, read from its manifest; written there first (seed 0) if it has none."""
+    root = Path(folder).expanduser()
+    if (root / MANIFEST_NAME).is_file():
+        # Read, not re-made: make_toy_world would replace a world written with another seed.
+        paths = _absolute(json.loads((root / MANIFEST_NAME).read_text()), root)["paths"]
+    else:
+        print(f"no toy world at {root}: writing one (seed 0, a few seconds)")
+        paths = make_toy_world(root, seed=0)["paths"]
+    reward_models = paths.get("reward_models", {})
+    return ToyWorld(root.resolve(), paths["sd15"], paths["controlnet"],
+                    {task: reward_models[key] for task, key in TOY_ANNOTATORS.items() if key in reward_models})
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m utils.toy")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m toy.world")
     parser.add_argument("--out", required=True, help="folder to write the toy world to (e.g. work_dirs/toy)")
     parser.add_argument("--seed", type=int, default=0, help="same seed -> the same bytes in every file")
     parser.add_argument("--rows", type=int, default=None,

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .hed import HEDNetwork
-from .lineart import LineDrawingNetwork
+from reward_models.hed import HEDNetwork
+from reward_models.lineart import LineDrawingNetwork
 
 TOY_WIDTH = 4  # HED base width and line-drawing ngf of the toy checkpoints (published: 64)
 TOY_DPT_SIZE = 64  # DPT input resolution of the toy depth model (published: 384)
@@ -30,7 +30,7 @@ TOY_DPT_SIZE = 64  # DPT input resolution of the toy depth model (published: 384
 # A tiny mmseg EncoderDecoder: UperNet on a ResNetV1c-18 with 8 base channels. The keep-ratio
 # test resize keeps 64 px toy images at 64 px (the real ADE20K configs resize to 512).
 _TOY_SEG_CONFIG = """\
-# Toy {dataset} segmenter written by reward_models/toy.py: random weights, for tests only.
+# Toy {dataset} segmenter written by toy/reward_checkpoints.py: random weights, for tests only.
 dataset_type = '{dataset_type}'
 norm_cfg = dict(type='BN', requires_grad=True)
 data_preprocessor = dict(
@@ -149,7 +149,7 @@ def write_toy_segmenter(folder: Path, seed: int, dataset_type: str = "ADE20KData
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
 
-    from .palettes import ADE20K_PALETTE, COCO_STUFF_PALETTE
+    from reward_models.palettes import ADE20K_PALETTE, COCO_STUFF_PALETTE
 
     datasets = {"ADE20KDataset": ("ADE20K", 150), "COCOStuffDataset": ("COCO-Stuff", 171)}
     if dataset_type not in datasets:

@@ -1,10 +1,10 @@
 """Pretrain the toy world on its own datasets, so that its images are scenes, not noise.
 
-    python -m utils.toy --out work_dirs/toy                      # the random toy world (seconds)
-    python -m utils.toy_pretrain --toy work_dirs/toy --out work_dirs/toy-pretrained \
+    python -m toy.world --out work_dirs/toy                      # the random toy world (seconds)
+    python -m toy.pretrain --toy work_dirs/toy --out work_dirs/toy-pretrained \
         [--seed 0] [--budget small|full] [--grid docs/img/toy_pretrain.png]
 
-`utils/toy.py` writes tiny *random* models: enough to check that code runs, useless to check
+`toy/world.py` writes tiny *random* models: enough to check that code runs, useless to check
 that a method works. This command trains them, on the CPU and deterministically from
 ``--seed``, on the toy world's train splits, and writes a complete toy world in exactly the
 same layout (every path that works under ``work_dirs/toy`` works under the pretrained world):
@@ -18,11 +18,11 @@ same layout (every path that works under ``work_dirs/toy`` works under the pretr
                          docs/TOY_PRETRAIN.md)
     reward_models/       HED (soft shape boundaries), line drawing (thin outlines, 1 = paper),
                          DPT depth (control_depth), mmseg ADE20K and COCO-Stuff segmenters
-    toy-controlnet/      ControlNetModel.from_unet(pretrained UNet), initialised as utils/toy.py
+    toy-controlnet/      ControlNetModel.from_unet(pretrained UNet), initialised as toy/world.py
                          does; per-task ControlNets are trained later by train/train_controlnet.py
     everything else      (tokenizer, text encoder, scheduler, datasets, clip/, fid/) copied as is
 
-``toy_world.json`` keeps utils/toy.py's keys and adds a ``pretrained`` section: budget, seed and,
+``toy_world.json`` keeps toy/world.py's keys and adds a ``pretrained`` section: budget, seed and,
 per model, steps, batch size, learning rate and the first / final training loss.
 
 Budgets (measured times and losses in docs/TOY_PRETRAIN.md): ``small`` takes about a minute
@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.data import ControlNetRows, collate_rows, load_dataset_any
-from utils.toy import DATASETS, MANIFEST_NAME
+from toy.world import DATASETS, MANIFEST_NAME
 
 RESOLUTION = 64  # the toy world's training resolution: SD1.5's 8x latent grid at 8 x 8
 
@@ -88,7 +88,7 @@ BUDGETS: dict[str, dict[str, Stage]] = {
 # Weight of the KL term against the per-pixel L1 of the VAE: small, as in SD's autoencoder
 # (kl_weight 1e-6 on a summed KL), so latents stay close to N(0, 1) without blurring.
 VAE_KL_WEIGHT = 1e-6
-# GroupNorm groups of the toy VAE. utils/toy.py's 8 groups on its 8 full-resolution channels
+# GroupNorm groups of the toy VAE. toy/world.py's 8 groups on its 8 full-resolution channels
 # normalise every channel on its own, which erases each channel's mean, i.e. the colour of flat
 # regions; with 2 groups the L1 after 300 steps was 0.149 instead of 0.205 (docs/TOY_PRETRAIN.md).
 # Only the config changes: GroupNorm's weights are per channel, so the toy's weights still load.
@@ -294,8 +294,8 @@ def train_unet(unet, vae, text_encoder, scheduler, images: torch.Tensor, input_i
 
 
 def toy_controlnet_from_unet(unet, seed: int):
-    """The toy ControlNet of the pretrained UNet, initialised as utils/toy.py does (seeded here)."""
-    from utils.toy import toy_controlnet_from_unet as controlnet_like_a_release
+    """The toy ControlNet of the pretrained UNet, initialised as toy/world.py does (seeded here)."""
+    from toy.world import toy_controlnet_from_unet as controlnet_like_a_release
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(component_seed(seed, "controlnet"))
@@ -522,8 +522,8 @@ def sample_grid(worlds: dict[str, Path], out_png: Path, num_prompts: int = 6, se
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m utils.toy_pretrain")
-    parser.add_argument("--toy", required=True, help="the random toy world to start from (python -m utils.toy --out ...)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m toy.pretrain")
+    parser.add_argument("--toy", required=True, help="the random toy world to start from (python -m toy.world --out ...)")
     parser.add_argument("--out", required=True, help="where to write the pretrained world (e.g. work_dirs/toy-pretrained)")
     parser.add_argument("--seed", type=int, default=0, help="same seed (and --threads) -> the same bytes in every file")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",

@@ -1,14 +1,14 @@
 """The paper's table at toy scale: ControlNet vs ControlNet++ vs Ctrl-U, six tasks, several seeds.
 
-    python -m experiments.toy_table                            # the whole experiment (see README)
-    python -m experiments.toy_table --size long --out work_dirs/toy-experiment-long   # 3x longer runs
-    python -m experiments.toy_table --size small --toy T --pretrained P --out O   # the fast test's size
+    python -m toy.experiment                            # the whole experiment (see README)
+    python -m toy.experiment --size long --out work_dirs/toy-experiment-long   # 3x longer runs
+    python -m toy.experiment --size small --toy T --pretrained P --out O   # the fast test's size
 
 What it does, resuming whatever a previous run already finished (every stage skips outputs that
 are complete, so an interrupted run continues where it stopped; ``<out>/experiment.json`` records
 the settings, and a folder made with other settings is refused rather than silently reused):
 
-1. The toy world (``python -m utils.toy``) and its pretrained copy (``python -m utils.toy_pretrain``):
+1. The toy world (``python -m toy.world``) and its pretrained copy (``python -m toy.pretrain``):
    VAE, text-to-image UNet and the learned reward models trained on the toy data.
 2. Baselines, our "ControlNet v1.1": one toy ControlNet per task trained from the UNet with the
    plain diffusion loss by ``train/train_controlnet.py``, into ``<pretrained>/controlnets/<task>``.
@@ -218,8 +218,8 @@ def _python() -> str:
 
 def ensure_worlds(args, size: Size) -> Path:
     """The pretrained toy world (made, with the random world it starts from, when missing)."""
-    from utils.toy import MANIFEST_NAME, make_toy_world
-    from utils.toy_pretrain import pretrain_toy_world
+    from toy.pretrain import pretrain_toy_world
+    from toy.world import MANIFEST_NAME, make_toy_world
 
     pretrained = Path(args.pretrained)
     if (pretrained / MANIFEST_NAME).is_file():
@@ -372,7 +372,7 @@ def evaluate_task(world: Path, out: Path, task: str, size: Size) -> None:
 def evaluation_job(world: Path, out: Path, task: str, args, size: Size, logs: Path, after: tuple[str, ...]) -> Job:
     """One process per task (models load once per process), the same size, seeds and variants."""
     scope = ["--size", args.size, "--seeds", *map(str, size.seeds), "--variants", *size.variants]
-    return Job(f"evaluation {task}", [_python(), "-m", "experiments.toy_table", "--evaluate_task", task,
+    return Job(f"evaluation {task}", [_python(), "-m", "toy.experiment", "--evaluate_task", task,
                                       "--pretrained", str(world), "--out", str(out), *scope],
                {}, logs / f"eval_{task}.log", after=after)
 
@@ -571,7 +571,7 @@ def check_reused_settings(out: Path, size: Size, world: Path) -> None:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], prog="python -m toy.experiment")
     parser.add_argument("--toy", default="work_dirs/toy", help="the random toy world (made when missing)")
     parser.add_argument("--pretrained", default="work_dirs/toy-pretrained",
                         help="the pretrained toy world (made from --toy when missing); baselines go in its controlnets/")
