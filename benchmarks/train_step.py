@@ -8,7 +8,7 @@ Variants, each measured in a fresh subprocess on the same models (same seed) and
     original  the original release's formulation: x0 with ``scheduler.step`` in a Python loop per
               sample (defect 7), the whole batch decoded by the VAE and scored by the reward model,
               then masked (defect 6)
-    ours      utils/training.py: vectorised x0, decode and score only the samples in the window
+    ours      train/reward_control.py: vectorised x0, decode and score only the samples in the window
 Batch 4 with exactly one sample inside the reward window (t = 50 of 50 / 400 / 700 / 950), the
 ~25% a uniform t in [0, 1000) with window 0..200 gives on average. One step = forward +
 backward through the trainable ControlNet (no optimizer step: identical in all variants).
@@ -38,7 +38,7 @@ from types import SimpleNamespace  # noqa: E402
 
 import torch  # noqa: E402
 
-from utils import training  # noqa: E402
+from train import reward_control  # noqa: E402
 
 VARIANTS = ("floor", "original", "ours")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -67,10 +67,10 @@ def original_reward_loss(batch, parts, prediction, args, reward_model):
 
 def original_training_step(batch, parts, controlnet, args, generator, reward_model, timesteps=None):
     """``training_step`` with the original release's reward term (same noise, same diffusion loss)."""
-    prediction = training.predict_noise(batch, parts, controlnet, args, generator, reward_model, timesteps)
+    prediction = reward_control.predict_noise(batch, parts, controlnet, args, generator, reward_model, timesteps)
     reward_loss, mask = original_reward_loss(batch, parts, prediction, args, reward_model)
     loss = args.diffusion_loss_weight * prediction.diffusion_loss + args.grad_scale * reward_loss
-    return training.StepOutput(loss, prediction.diffusion_loss.detach(), reward_loss.detach(),
+    return reward_control.StepOutput(loss, prediction.diffusion_loss.detach(), reward_loss.detach(),
                                mask.float().mean().item())
 
 
@@ -124,7 +124,7 @@ def build_models(real_shapes: bool, device: str, seed: int = 0, dtype: torch.dty
     for frozen in (unet, vae, text_encoder):  # frozen models in the mixed-precision dtype, as in training
         frozen.requires_grad_(False).eval().to(device, dtype)
     controlnet.train().to(device)  # trainable weights stay fp32 (autocast computes in dtype)
-    return training.StableDiffusionParts(None, scheduler, text_encoder, vae, unet, controlnet, dtype)
+    return reward_control.StableDiffusionParts(None, scheduler, text_encoder, vae, unet, controlnet, dtype)
 
 
 def build_reward_model(name: str, real_shapes: bool, device: str):
@@ -185,9 +185,9 @@ def measure(variant: str, options) -> dict:
 
     def forward(generator):
         if variant == "floor":
-            out = training.training_step(batch, parts, controlnet, args, generator, None, timesteps)
+            out = reward_control.training_step(batch, parts, controlnet, args, generator, None, timesteps)
         elif variant == "ours":
-            out = training.training_step(batch, parts, controlnet, args, generator, reward_model, timesteps)
+            out = reward_control.training_step(batch, parts, controlnet, args, generator, reward_model, timesteps)
         else:
             out = original_training_step(batch, parts, controlnet, args, generator, reward_model, timesteps)
         return out

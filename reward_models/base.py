@@ -401,6 +401,24 @@ class RewardModel(nn.Module):
         loss_map, valid = self.pixel_loss(output, target)
         return per_sample_mean(loss_map, valid)
 
+    def uncertainty_weighted_loss(self, output: torch.Tensor, output_later: torch.Tensor, target: torch.Tensor,
+                                  scale: float = 1.0) -> tuple[torch.Tensor, float]:
+        """Ctrl-U's per-sample reward (B,): mean over valid pixels of exp(-U) * loss + U, and mean U.
+
+        U = scale * ``disagreement`` of the reward outputs for the images predicted from t and
+        from t + k (KL of the class distributions for segmentation, absolute difference of the
+        dense maps otherwise). Pixels where the reward model's reading is unstable (U large) are
+        trusted less; the + U term keeps U from growing to silence the reward, and, since U is not
+        detached, also asks the two predictions to agree.
+        """
+        loss_map, valid = self.pixel_loss(output, target)
+        uncertainty = scale * self.disagreement(output, output_later)
+        if uncertainty.shape != loss_map.shape:
+            raise ValueError(f"{type(self).__name__}.disagreement gave {tuple(uncertainty.shape)}, "
+                             f"pixel_loss {tuple(loss_map.shape)}: they must be on the same grid.")
+        per_sample = per_sample_mean(torch.exp(-uncertainty) * loss_map + uncertainty, valid)
+        return per_sample, per_sample_mean(uncertainty.detach(), valid).mean().item()
+
     def extract_condition(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """The ControlNet input (B, 3, H, W) computed from images in [0, 1], as in training."""
         raise NotImplementedError

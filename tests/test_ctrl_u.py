@@ -22,23 +22,22 @@ class _Dense:
 def test_identical_readings_give_the_plain_reward():
     """U = 0 where both timesteps read the same: exp(-0) * loss + 0 == the ControlNet++ loss."""
     from reward_models.base import RewardModel
-    from utils.training import uncertainty_weighted_loss
 
     generator = torch.Generator().manual_seed(0)
     output, target = torch.rand(3, 1, 8, 8, generator=generator), torch.rand(3, 1, 8, 8, generator=generator)
     model = _Dense()
-    per_sample, mean_u = uncertainty_weighted_loss(model, output, output.clone(), target)
+    per_sample, mean_u = RewardModel.uncertainty_weighted_loss(model, output, output.clone(), target)
     torch.testing.assert_close(per_sample, RewardModel.loss(model, output, target))
     assert mean_u == 0.0
 
 
 def test_disagreeing_pixels_are_down_weighted_and_u_is_added():
-    from utils.training import uncertainty_weighted_loss
+    from reward_models.base import RewardModel
 
     output = torch.zeros(1, 1, 2, 2)
     target = torch.ones(1, 1, 2, 2)  # pixel loss 1 everywhere
     later = torch.tensor([[[[0.0, 0.0], [0.0, 2.0]]]])  # the last pixel disagrees by 2
-    per_sample, mean_u = uncertainty_weighted_loss(_Dense(), output, later, target, scale=0.5)
+    per_sample, mean_u = RewardModel.uncertainty_weighted_loss(_Dense(), output, later, target, scale=0.5)
     u = torch.tensor([0.0, 0.0, 0.0, 1.0])  # 0.5 * |0 - 2|
     expected = (torch.exp(-u) * 1.0 + u).mean()
     torch.testing.assert_close(per_sample, expected.reshape(1))
@@ -63,13 +62,13 @@ def test_ctrl_u_step_gives_the_controlnet_a_gradient_through_both_timesteps(toy_
     (x_{t+k} = sqrt(abar) x0 + sqrt(1 - abar) eps, written out here) and the loss has a gradient
     through it, not only through the first prediction."""
     needs_mmseg(key)
-    from utils import training
+    from train import reward_control
 
     args, parts, reward_model, batch = build_step_inputs(
         toy_world, key, tmp_path, 3, "--diffusion_loss_weight", "0", "--uncertainty_weighting",
         "--max_timestep_rewarding", "400", "--uncertainty_timestep_offset", "50")
     calls = []
-    real_controlled_unet = training.controlled_unet
+    real_controlled_unet = reward_control.controlled_unet
 
     def recording(parts_, controlnet_, noisy_latents, timesteps, *rest):
         output = real_controlled_unet(parts_, controlnet_, noisy_latents, timesteps, *rest)
@@ -79,14 +78,14 @@ def test_ctrl_u_step_gives_the_controlnet_a_gradient_through_both_timesteps(toy_
         calls.append(call)
         return output
 
-    monkeypatch.setattr(training, "controlled_unet", recording)
+    monkeypatch.setattr(reward_control, "controlled_unet", recording)
     controlnet = parts.controlnet
     controlnet.zero_grad(set_to_none=True)
     seen = {}
-    real_predict_noise = training.predict_noise
-    monkeypatch.setattr(training, "predict_noise",
+    real_predict_noise = reward_control.predict_noise
+    monkeypatch.setattr(reward_control, "predict_noise",
                         lambda *a, **k: seen.setdefault("prediction", real_predict_noise(*a, **k)))
-    out = training.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0), reward_model,
+    out = reward_control.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0), reward_model,
                                  timesteps=torch.tensor([5, 300, 700]))
     assert out.rewarded_fraction == pytest.approx(2 / 3)
     assert out.uncertainty is not None and out.uncertainty > 0  # t and t+50 read differently
@@ -107,7 +106,7 @@ def test_ctrl_u_step_gives_the_controlnet_a_gradient_through_both_timesteps(toy_
 
     # Without the flag the same step is ControlNet++'s: a different loss, no U.
     args.uncertainty_weighting = False
-    plain = training.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0), reward_model,
+    plain = reward_control.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0), reward_model,
                                    timesteps=torch.tensor([5, 300, 700]))
     assert plain.uncertainty is None
     assert plain.reward_loss.item() != out.reward_loss.item()
@@ -116,7 +115,7 @@ def test_ctrl_u_step_gives_the_controlnet_a_gradient_through_both_timesteps(toy_
 def test_reward_weight_ramps_linearly_then_stays():
     from types import SimpleNamespace
 
-    from utils.training import reward_weight
+    from train.reward_control import reward_weight
 
     args = SimpleNamespace(grad_scale=0.5, reward_warmup_steps=4)
     assert [reward_weight(args, step) for step in range(6)] == [0.125, 0.25, 0.375, 0.5, 0.5, 0.5]

@@ -107,7 +107,7 @@ def test_original_command_line_parses_and_trains_a_step(toy_world, tmp_path, fre
 
 
 def test_original_extra_flags_are_accepted_and_mean_something(toy_world, tmp_path):
-    from utils import training
+    from train.validation import validation_pipeline_kwargs
 
     script = load_entry("reward_control")
     base = original_command_line(toy_world, "reward_canny", tmp_path / "out")
@@ -116,11 +116,11 @@ def test_original_extra_flags_are_accepted_and_mean_something(toy_world, tmp_pat
                                      "--hub_model_id=me/model", "--non_ema_revision=main", "--max_val_samples=2",
                                      "--keep_in_memory", "True"])
     assert args.keep_in_memory is True and args.num_validation_rows == 2
-    assert training.validation_pipeline_kwargs(args) == {"guidance_scale": 3.0, "controlnet_conditioning_scale": 0.5,
-                                                          "control_guidance_start": 0.1, "control_guidance_end": 0.9}
+    assert validation_pipeline_kwargs(args) == {"guidance_scale": 3.0, "controlnet_conditioning_scale": 0.5,
+                                                "control_guidance_start": 0.1, "control_guidance_end": 0.9}
     # The original's type=bool read "False" as True; here it means False.
     assert script.parse_args(base + ["--keep_in_memory", "False"]).keep_in_memory is False
-    assert training.validation_pipeline_kwargs(script.parse_args(base)) == {}  # the pipeline's defaults, as the original
+    assert validation_pipeline_kwargs(script.parse_args(base)) == {}  # the pipeline's defaults, as the original
     with pytest.raises(ValueError, match="--conditioning_image_column hed computes the hed condition"):
         script.parse_args(base + ["--conditioning_image_column=hed"])
     stage_one = load_entry("train_controlnet").parse_args(
@@ -154,7 +154,7 @@ def test_dataset_config_name_reaches_load_dataset_and_is_refused_for_a_local_fol
 
 
 def test_wrong_ids_file_leaves_rows_out_and_refuses_pickles(tmp_path):
-    from utils.training import rows_to_keep
+    from utils.data import rows_to_keep
 
     (tmp_path / "wrong.json").write_text("[1, 3]")
     assert rows_to_keep(str(tmp_path / "wrong.json"), 5) == [0, 2, 4]
@@ -289,7 +289,7 @@ def test_canny_training_input_is_the_original_unclamped_magnitude(toy_world, tmp
 
     from reward_models import build_reward_model
     from utils.data import ControlNetRows, collate_rows
-    from utils.training import controlnet_condition
+    from train.reward_control import controlnet_condition
 
     assert kornia.__version__ == "0.7.0"  # the original's pin (its NMS tie rule)
     tokenizer = CLIPTokenizer.from_pretrained(str(toy_world / "toy-sd15" / "tokenizer"))
@@ -379,7 +379,7 @@ def test_launchers_pass_the_originals_effective_warmup(tmp_path, name):
 
     original_flag = int(next(f for f in ORIGINAL_COMMAND_LINES[name][2] if f.startswith("--lr_warmup_steps="))
                         .split("=")[1])
-    # The original: flag x accumulation (4) scheduler steps; ours (utils/training.py): flag x processes.
+    # The original: flag x accumulation (4) scheduler steps; ours (train/reward_control.py): flag x processes.
     assert steps_to_full_lr(original_flag * 4) == EFFECTIVE_WARMUP[name]
     assert steps_to_full_lr(EFFECTIVE_WARMUP[name] * 8) == EFFECTIVE_WARMUP[name]
     fake = tmp_path / "bin"
@@ -418,7 +418,7 @@ def test_original_launch_line_with_its_accelerate_config(toy_world, tmp_path):
 def test_resuming_a_checkpoint_made_with_other_data_settings_is_refused(tmp_path):
     from types import SimpleNamespace
 
-    from utils.training import check_resumed_data_settings
+    from utils.checkpoints import check_resumed_data_settings
 
     checkpoint = tmp_path / "checkpoint-500"
     checkpoint.mkdir()

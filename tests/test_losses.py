@@ -40,13 +40,13 @@ def canny_inputs(toy_world, tmp_path_factory):
 def test_diffusion_loss_is_the_mse_to_the_noise_or_the_velocity(canny_inputs, prediction_type):
     from diffusers import DDPMScheduler
 
-    from utils import training
+    from train import reward_control
 
     args, parts, reward_model, batch = canny_inputs
-    parts = training.StableDiffusionParts(**{**vars(parts), "noise_scheduler": DDPMScheduler.from_config(
+    parts = reward_control.StableDiffusionParts(**{**vars(parts), "noise_scheduler": DDPMScheduler.from_config(
         parts.noise_scheduler.config, prediction_type=prediction_type)})
     with torch.no_grad():
-        prediction = training.predict_noise(batch, parts, parts.controlnet, args, torch.Generator().manual_seed(0),
+        prediction = reward_control.predict_noise(batch, parts, parts.controlnet, args, torch.Generator().manual_seed(0),
                                             reward_model, TIMESTEPS)
     abar, x0, eps = _by_hand(prediction, parts.noise_scheduler.config)
     # The noised latent: x_t = sqrt(abar) x0 + sqrt(1 - abar) eps.
@@ -80,19 +80,19 @@ def test_diffusion_target_function_against_the_formula():
 
 def test_step_loss_weights_the_diffusion_loss(toy_world, tmp_path):
     """loss = diffusion_loss_weight * diffusion + grad_scale * reward; here no sample is rewarded."""
-    from utils import training
+    from train import reward_control
 
     args, parts, reward_model, batch = build_step_inputs(toy_world, "canny", tmp_path, 2,
                                                          "--diffusion_loss_weight", "0.25")
     with torch.no_grad():
-        out = training.training_step(batch, parts, parts.controlnet, args, torch.Generator().manual_seed(0),
+        out = reward_control.training_step(batch, parts, parts.controlnet, args, torch.Generator().manual_seed(0),
                                      reward_model, timesteps=torch.tensor([500, 900]))
     assert out.reward_loss.item() == 0 and out.diffusion_loss.item() > 0
     assert out.loss.item() == pytest.approx(0.25 * out.diffusion_loss.item(), rel=1e-6)
 
 
 def test_sampled_timesteps_stay_in_range_and_the_rewarded_fraction_counts_them(toy_world, tmp_path):
-    from utils import training
+    from train import reward_control
 
     args, parts, reward_model, batch = build_step_inputs(
         toy_world, "canny", tmp_path, 4, "--timestep_sampling_start", "300", "--timestep_sampling_end", "310",
@@ -100,11 +100,11 @@ def test_sampled_timesteps_stay_in_range_and_the_rewarded_fraction_counts_them(t
     seen, fractions = [], []
     with torch.no_grad():
         for seed in range(6):
-            prediction = training.predict_noise(batch, parts, parts.controlnet, args,
+            prediction = reward_control.predict_noise(batch, parts, parts.controlnet, args,
                                                 torch.Generator().manual_seed(seed), reward_model)
             t = prediction.timesteps.tolist()
             seen += t
-            out = training.training_step(batch, parts, parts.controlnet, args, torch.Generator().manual_seed(seed),
+            out = reward_control.training_step(batch, parts, parts.controlnet, args, torch.Generator().manual_seed(seed),
                                          reward_model)
             expected = sum(300 <= value <= 304 for value in t) / len(t)
             assert out.rewarded_fraction == pytest.approx(expected), (t, out.rewarded_fraction)
@@ -115,19 +115,19 @@ def test_sampled_timesteps_stay_in_range_and_the_rewarded_fraction_counts_them(t
 
 
 def test_ranks_draw_different_noise_and_a_rank_redraws_the_same(canny_inputs):
-    from utils import training
+    from train import reward_control
 
     args, parts, reward_model, batch = canny_inputs
     noises = {}
     with torch.no_grad():
         for rank in (0, 1, 0):
-            generator = training.step_generator(args.seed, rank, 7, 1, "cpu")
-            prediction = training.predict_noise(batch, parts, parts.controlnet, args, generator, reward_model)
+            generator = reward_control.step_generator(args.seed, rank, 7, 1, "cpu")
+            prediction = reward_control.predict_noise(batch, parts, parts.controlnet, args, generator, reward_model)
             noises.setdefault(rank, []).append(prediction.noise)
     assert torch.equal(noises[0][0], noises[0][1])
     assert not torch.allclose(noises[0][0], noises[1][0])
     # ... and the next micro-batch of the same rank and step draws other noise too.
-    other = training.step_generator(args.seed, 0, 7, 2, "cpu")
+    other = reward_control.step_generator(args.seed, 0, 7, 2, "cpu")
     with torch.no_grad():
-        again = training.predict_noise(batch, parts, parts.controlnet, args, other, reward_model).noise
+        again = reward_control.predict_noise(batch, parts, parts.controlnet, args, other, reward_model).noise
     assert not torch.allclose(again, noises[0][0])

@@ -25,20 +25,20 @@ DEVICES = [("cpu", torch.bfloat16),
 
 def _step(world, tmp_path, device, dtype):
     from reward_models import build_reward_model
-    from utils import training
+    from train import reward_control
     from utils.data import collate_rows
 
     args = load_entry("reward_control").parse_args(toy_flags(world, "hed", tmp_path / "out"))
-    parts = training.load_stable_diffusion(args, device, dtype)
+    parts = reward_control.load_stable_diffusion(args, device, dtype)
     reward_model = build_reward_model("hed", args.reward_model_name_or_path, device=device, dtype=dtype)
-    rows = training.build_train_rows(args, parts.tokenizer, reward_model)
+    rows = reward_control.build_train_rows(args, parts.tokenizer, reward_model)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in collate_rows([rows[0], rows[1],
                                                                                              rows[2]]).items()}
     controlnet = parts.controlnet
     controlnet.zero_grad(set_to_none=True)
     autocast = torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32)
     with autocast:
-        out = training.training_step(batch, parts, controlnet, args, torch.Generator(device).manual_seed(0),
+        out = reward_control.training_step(batch, parts, controlnet, args, torch.Generator(device).manual_seed(0),
                                      reward_model, timesteps=torch.tensor([5, 150, 700]))
     out.loss.backward()
     return parts, out

@@ -52,17 +52,15 @@ KILL_MOMENTS = [
 ]
 
 DRIVER = r'''
-import importlib.util, json, os, re, shutil, sys, tempfile, traceback
+import json, os, re, shutil, sys, tempfile, traceback
 from pathlib import Path
 
 repo, plan_file = sys.argv[1], sys.argv[2]
 sys.path.insert(0, repo)
 plan = json.loads(Path(plan_file).read_text())
-spec = importlib.util.spec_from_file_location("reward_control", os.path.join(repo, "train", "reward_control.py"))
-script = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(script)
 import safetensors.torch, torch
-from utils import training
+from train import reward_control as script, validation
+from utils import checkpoints as checkpointing
 
 
 def install(moment, fired):
@@ -85,7 +83,7 @@ def install(moment, fired):
             path = Path(path)
             return folder in path.parts and (path.name == name or path.parent.name == name)
 
-        real_torch_save, real_save_file, real_save_json = torch.save, safetensors.torch.save_file, training.save_json
+        real_torch_save, real_save_file, real_save_json = torch.save, safetensors.torch.save_file, checkpointing.save_json
 
         def torch_save(obj, f, *a, **k):
             real_torch_save(obj, f, *a, **k)
@@ -103,9 +101,9 @@ def install(moment, fired):
                 os.write(fd, b'{"trunc'); die()
             return real_save_json(obj, path)
 
-        torch.save, safetensors.torch.save_file, training.save_json = torch_save, save_file, save_json
+        torch.save, safetensors.torch.save_file, checkpointing.save_json = torch_save, save_file, save_json
     elif kind == "step":
-        real_step = training.training_step
+        real_step = script.training_step
 
         def training_step(*a, global_step=None, **k):
             out = real_step(*a, global_step=global_step, **k)
@@ -113,9 +111,9 @@ def install(moment, fired):
                 die()
             return out
 
-        training.training_step = training_step
+        script.training_step = training_step
     elif kind == "validation":
-        real_save_image = training.save_image
+        real_save_image = validation.save_image
 
         def save_image(image, path):
             if f"step-{rest}" in str(path):
@@ -124,7 +122,7 @@ def install(moment, fired):
                 os.write(fd, b"\x89PNG"); die()
             return real_save_image(image, path)
 
-        training.save_image = save_image
+        validation.save_image = save_image
     elif kind in ("rename", "prune"):
         real_rename = os.rename
 
@@ -260,16 +258,13 @@ def test_kills_at_every_moment_of_a_run_end_bit_identical_with_the_same_command(
 
 def test_latest_skips_incomplete_checkpoints_and_says_so(tmp_path, caplog):
     """Unit: only renamed folders are checkpoints; an interrupted write is named and skipped."""
-    import argparse
-
-    from utils import training
+    from utils.checkpoints import resolve_resume_path
 
     (tmp_path / "checkpoint-2").mkdir()
     (tmp_path / ".checkpoint-4.incomplete").mkdir()
     (tmp_path / "checkpoint-3.tmp").mkdir()  # not ours: ignored
-    args = argparse.Namespace(resume_from_checkpoint="latest", output_dir=str(tmp_path))
     with caplog.at_level("WARNING", logger="controlnet_pp.train"):
-        assert training.resolve_resume_path(args) == tmp_path / "checkpoint-2"
+        assert resolve_resume_path(tmp_path, "latest") == tmp_path / "checkpoint-2"
     assert f"Skipping {tmp_path / '.checkpoint-4.incomplete'}: its write did not finish" in caplog.text
 
 

@@ -26,10 +26,10 @@ def _log(out) -> list[dict]:
 
 
 def test_clipping_warmup_and_scale_lr(toy_world, tmp_path, fresh_accelerate_state, monkeypatch):
-    from utils import training
+    from train import reward_control
 
     records = []
-    real_build_optimizer = training.build_optimizer
+    real_build_optimizer = reward_control.build_optimizer
 
     def recording_optimizer(args, params):
         params = list(params)
@@ -48,7 +48,7 @@ def test_clipping_warmup_and_scale_lr(toy_world, tmp_path, fresh_accelerate_stat
         optimizer.__class__ = Recording
         return optimizer
 
-    monkeypatch.setattr(training, "build_optimizer", recording_optimizer)
+    monkeypatch.setattr(reward_control, "build_optimizer", recording_optimizer)
     script = load_entry("reward_control")
     out = tmp_path / "out"
     max_norm = 1e-3  # far below the toy gradients' norm: clipping is active

@@ -178,13 +178,13 @@ def test_missing_column_lists_the_available_ones(tokenizer):
 
 
 def test_missing_column_is_reported_when_the_training_dataset_loads(toy_world, tmp_path):
-    from utils import training
+    from train import reward_control
 
     args = load_entry("reward_control").parse_args(
         toy_flags(toy_world, "depth", tmp_path, "--conditioning_image_column", "control_seg"))
     with pytest.raises(ValueError, match=r"--conditioning_image_column 'control_seg' is not a column of dataset "
                                          r".*MultiGen-20M_depth \(split train\); its columns are \["):
-        training.load_train_dataset(args)
+        reward_control.load_train_dataset(args)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def test_tasks_with_dataset_conditions_or_labels_require_their_columns(toy_world
     assert args.label_column is None
     from types import SimpleNamespace
 
-    from utils.training import resolve_label_column
+    from train.reward_control import resolve_label_column
 
     resolve_label_column(args, SimpleNamespace(label_format="ade20k_palette"))
     assert args.label_column == "control_seg"

@@ -297,10 +297,10 @@ def test_segmentation_reward_starts_from_the_finetune_output(toy_world, tmp_path
 
 def test_nonfinite_losses_skip_the_step_then_stop_with_a_message(toy_world, tmp_path, fresh_accelerate_state,
                                                                   monkeypatch):
-    from utils import training
+    from train import reward_control
 
     seen = {}
-    real_step = training.training_step
+    real_step = reward_control.training_step
 
     def nan_step(batch, parts, controlnet, *args, **kwargs):
         seen["controlnet"] = controlnet
@@ -308,7 +308,7 @@ def test_nonfinite_losses_skip_the_step_then_stop_with_a_message(toy_world, tmp_
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(training, "training_step", nan_step)
+    monkeypatch.setattr(reward_control, "training_step", nan_step)
     script = load_entry("reward_control")
     args = script.parse_args(toy_flags(toy_world, "canny", tmp_path / "out", "--max_train_steps", "5",
                                        "--max_nonfinite_steps", "2", "--validation_steps", "100"))

@@ -1,12 +1,13 @@
 """In-process tests of the training pieces on the toy world: x0, reward window, gradients, EMA.
 
 The step is run on the toy SD1.5 / ControlNet / reward models exactly as the training loop runs
-it (utils/training.py: training_step); the references are independent formulations (diffusers'
+it (train/reward_control.py: training_step); the references are independent formulations (diffusers'
 ``scheduler.step``, the original release's full-batch reward loss).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,11 +38,8 @@ SEGMENTATION = ("ade20k", "cocostuff")
 
 
 def load_entry(name: str):
-    """Import train/<name>.py as a module (entry points are files, not a package)."""
-    spec = importlib.util.spec_from_file_location(f"train_{name}", REPO_ROOT / "train" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The entry point train/<name>.py as the module ``train.<name>`` (the one stage one imports)."""
+    return importlib.import_module(f"train.{name}")
 
 
 def load_benchmark():
@@ -77,14 +75,14 @@ def no_mkldnn():
 def build_step_inputs(world: Path, key: str, tmp_path: Path, rows: int = 4, *extra: str):
     """(args, parts, reward model, collated batch of the first ``rows`` training rows)."""
     from reward_models import build_reward_model
-    from utils import training
+    from train import reward_control
     from utils.data import collate_rows
 
     args = load_entry("reward_control").parse_args(toy_flags(world, key, tmp_path / "out", *extra))
-    parts = training.load_stable_diffusion(args, "cpu", torch.float32)
+    parts = reward_control.load_stable_diffusion(args, "cpu", torch.float32)
     reward_model = build_reward_model(args.task_name, args.reward_model_name_or_path,
                                       checkpoint=args.reward_model_checkpoint, device="cpu")
-    dataset_rows = training.build_train_rows(args, parts.tokenizer, reward_model)
+    dataset_rows = reward_control.build_train_rows(args, parts.tokenizer, reward_model)
     batch = collate_rows([dataset_rows[i] for i in range(rows)])
     return args, parts, reward_model, batch
 
@@ -136,7 +134,7 @@ def test_reward_window_mask_includes_both_ends():
 @pytest.mark.parametrize("key", ["hed", pytest.param("lineart", marks=pytest.mark.slow),
                                  pytest.param("depth", marks=pytest.mark.slow)])
 def test_windowed_reward_loss_equals_full_batch_formulation(toy_world, tmp_path, key):
-    from utils import training
+    from train import reward_control
 
     original_step = load_benchmark().original_training_step
     args, parts, reward_model, batch = build_step_inputs(toy_world, key, tmp_path)
@@ -144,7 +142,7 @@ def test_windowed_reward_loss_equals_full_batch_formulation(toy_world, tmp_path,
     timesteps = torch.tensor([10, 600, 200, 950])  # two of four inside the window 0..200 (ends included)
     results = []
     with no_mkldnn():
-        for step in (training.training_step, original_step):
+        for step in (reward_control.training_step, original_step):
             controlnet.zero_grad(set_to_none=True)
             out = step(batch, parts, controlnet, args, torch.Generator().manual_seed(0), reward_model, timesteps)
             out.loss.backward()
@@ -159,13 +157,13 @@ def test_windowed_reward_loss_equals_full_batch_formulation(toy_world, tmp_path,
 
 
 def test_no_sample_in_window_runs_neither_vae_decode_nor_reward_model(toy_world, tmp_path, monkeypatch):
-    from utils import training
+    from train import reward_control
 
     args, parts, reward_model, batch = build_step_inputs(toy_world, "depth", tmp_path, rows=3)
     calls = []
     monkeypatch.setattr(parts.vae, "decode", lambda *a, **k: calls.append("decode"))
     monkeypatch.setattr(reward_model, "forward", lambda *a, **k: calls.append("reward"))
-    out = training.training_step(batch, parts, parts.controlnet, args, torch.Generator().manual_seed(0),
+    out = reward_control.training_step(batch, parts, parts.controlnet, args, torch.Generator().manual_seed(0),
                                  reward_model, timesteps=torch.tensor([201, 500, 999]))  # batch of 3
     assert calls == []
     assert out.reward_loss.item() == 0.0 and out.rewarded_fraction == 0.0
@@ -177,12 +175,12 @@ def test_reward_alone_reaches_every_part_of_the_controlnet(toy_world, tmp_path, 
     """--diffusion_loss_weight 0: the reward loss alone gives the ControlNet a gradient (the
     original release's HED reward quantised to uint8 and gave none, defect 1)."""
     needs_mmseg(key)
-    from utils import training
+    from train import reward_control
 
     args, parts, reward_model, batch = build_step_inputs(toy_world, key, tmp_path, 3, "--diffusion_loss_weight", "0")
     controlnet = parts.controlnet
     controlnet.zero_grad(set_to_none=True)
-    out = training.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0), reward_model,
+    out = reward_control.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0), reward_model,
                                  timesteps=torch.tensor([5, 100, 200]))
     assert out.rewarded_fraction == 1.0
     assert out.loss.item() == pytest.approx(args.grad_scale * out.reward_loss.item())
@@ -199,11 +197,11 @@ def test_reward_alone_reaches_every_part_of_the_controlnet(toy_world, tmp_path, 
 
 
 def test_condition_dropout_zeroes_only_the_controlnet_input(toy_world, tmp_path):
-    from utils import training
+    from train import reward_control
 
     args, parts, reward_model, batch = build_step_inputs(toy_world, "depth", tmp_path, rows=2)
     batch["drop_condition"] = torch.tensor([True, False])
-    condition = training.controlnet_condition(batch, reward_model)
+    condition = reward_control.controlnet_condition(batch, reward_model)
     assert condition[0].abs().sum().item() == 0
     torch.testing.assert_close(condition[1], batch["conditioning_pixel_values"][1])
     assert batch["conditioning_pixel_values"][0].abs().sum().item() > 0  # the depth target keeps it
@@ -215,7 +213,8 @@ def test_condition_dropout_zeroes_only_the_controlnet_input(toy_world, tmp_path)
 
 
 def test_validation_with_ema_leaves_training_weights_bit_identical(toy_world, tmp_path):
-    from utils import training
+    from train import reward_control
+    from train.validation import validate
     from utils.ema import ModelEMA
 
     args, parts, reward_model, batch = build_step_inputs(
@@ -227,16 +226,16 @@ def test_validation_with_ema_leaves_training_weights_bit_identical(toy_world, tm
             value.add_(0.05)
     before = {k: v.clone() for k, v in controlnet.state_dict().items()}
     accelerator = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext, trackers=[])
-    inputs = [("a red circle", training.controlnet_condition(batch, reward_model)[0])]
+    inputs = [("a red circle", reward_control.controlnet_condition(batch, reward_model)[0])]
 
     args.output_dir = str(tmp_path / "with_ema")
-    training._validate(args, accelerator, parts, controlnet, ema, inputs, 1, reward_model)
+    validate(args, accelerator, parts, controlnet, ema, inputs, 1, reward_model)
     after = controlnet.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert controlnet.training  # back in train mode
 
     args.output_dir = str(tmp_path / "without_ema")
-    training._validate(args, accelerator, parts, controlnet, None, inputs, 1, reward_model)
+    validate(args, accelerator, parts, controlnet, None, inputs, 1, reward_model)
     from PIL import Image
     import numpy as np
 
@@ -267,14 +266,16 @@ def test_ema_update_follows_the_ramped_decay():
 def test_validation_images_are_conditions_paired_with_prompts(toy_world, tmp_path):
     from PIL import Image
 
-    from utils import training
+    from train import reward_control
+    from train.validation import validation_inputs
 
     condition = tmp_path / "condition.png"
     Image.new("RGB", (96, 64), (255, 0, 0)).save(condition)
     args, parts, reward_model, _ = build_step_inputs(
         toy_world, "canny", tmp_path, 1, "--validation_prompt", "a red circle", "a blue square",
         "--validation_image", str(condition))
-    pairs = training.validation_inputs(args, None, reward_model, "cpu")
+    pairs = validation_inputs(args, None, functools.partial(reward_control.controlnet_condition,
+                                                            reward_model=reward_model), "cpu")
     assert [prompt for prompt, _ in pairs] == ["a red circle", "a blue square"]
     for _, image in pairs:  # resized (shorter side 64), centre-cropped, in [0, 1]; not re-extracted
         assert image.shape == (3, 64, 64)

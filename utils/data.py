@@ -76,6 +76,23 @@ def require_columns(dataset, columns: dict[str, str | None], dataset_name: str) 
             )
 
 
+def rows_to_keep(wrong_ids_file: str, num_rows: int) -> list[int]:
+    """Row indices not listed in ``--wrong_ids_file`` (a JSON list of integers)."""
+    path = Path(wrong_ids_file)
+    if path.suffix.lower() in (".pkl", ".pickle"):
+        raise ValueError(f"--wrong_ids_file {path}: pickles can run code when read and are not loaded. Convert it "
+                         "once: python -c \"import json,pickle,sys; json.dump(sorted(pickle.load(open(sys.argv[1],'rb')))"
+                         ", open(sys.argv[2],'w'))\" OLD.pkl NEW.json, and pass the .json file.")
+    try:
+        wrong = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"--wrong_ids_file {path}: cannot read a JSON list of row indices ({error}).") from error
+    if not isinstance(wrong, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in wrong):
+        raise ValueError(f"--wrong_ids_file {path} must hold a JSON list of integer row indices.")
+    excluded = set(wrong)
+    return [i for i in range(num_rows) if i not in excluded]
+
+
 def _pil_from_value(value, column: str, index: int, dataset_name: str | None = None):
     """Decode one stored image cell (datasets ``Image`` with decode=False, a path, an array, a PIL image)."""
     import io

@@ -1,4 +1,4 @@
-"""Number checks shared by every entry point's flags: finite, in range, bounded.
+"""Flag checks shared by the entry points: numbers finite, in range and bounded; paths that exist.
 
 argparse's ``type=float`` accepts ``nan`` and ``inf``; they then pass every ``<``/``>`` check
 (comparisons with NaN are False) and silently change what a run does: ``--grad_scale nan``
@@ -7,6 +7,7 @@ nan`` switched guidance off. Each check raises ``ValueError`` with a sentence na
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from pathlib import Path
@@ -14,6 +15,17 @@ from pathlib import Path
 # Above this a single SD1.5 image's latent has (2048/8)^2 = 65k tokens per attention layer; larger
 # sizes do not fit any GPU's memory and make a CPU run for days, so a typo (an extra 0) is refused.
 MAX_RESOLUTION = 2048
+
+
+def boolean(value: str) -> bool:
+    """argparse type of a boolean flag's value: ``True``/``False``/``1``/``0``/``yes``/``no`` (the
+    original's ``type=bool`` took "False" as True)."""
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 def reject_nonfinite(args, names: list[str] | None = None) -> None:
