@@ -37,6 +37,7 @@ from PIL import Image
 from eval.common import (CONFIG_NAME, annotation_path, condition_path, full_float32, generated_path, reused,
                          reward_model, row_files, visualization_path)
 from reward_models import REWARD_MODELS, TASK_ALIASES, reward_class
+from reward_models.segmentation import LABEL_FORMAT_BY_COLUMN
 from utils.data import load_dataset_any
 from utils.images import to_mode
 from utils.io import save_image, save_json
@@ -73,7 +74,7 @@ def parse_args(args=None):
                              "seg_map (ADE20K) or panoptic_seg_map (COCO-Stuff), required")
     parser.add_argument("--label_format", default=None, choices=("ade20k_palette", "index", "index_reduce_zero"),
                         help="segmentation: how --label_column is written; default from its name "
-                             "(reward_models.segmentation.LABEL_FORMAT_BY_COLUMN)")
+                             f"({LABEL_FORMAT_BY_COLUMN})")
     parser.add_argument("--model", default="controlnet", choices=MODELS)
     parser.add_argument("--model_path", required=True, help="the ControlNet (or T2I-Adapter) to evaluate")
     parser.add_argument("--sd_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
