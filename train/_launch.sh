@@ -125,3 +125,38 @@ reward_model_args() {
         REWARD_ARGS+=(--reward_model_checkpoint "$REWARD_MODEL_CHECKPOINT")
     fi
 }
+
+# CPO (train/cpo_<task>.sh), as its launchers ran it (ZonglinL/CPO train/reward_<task>_CPO.sh):
+# 4 GPUs (train/config.yml there) x batch 8 x accumulation $2, AdamW at lr $3 (betas 0.9/0.999,
+# wd 1e-2, eps 1e-8), max grad norm 1, constant lr after warmup, beta_dpo 5000, t ~ U[0, 1000),
+# checkpoint and validation (one prompt) every 1000 steps, starting from ControlNet++ weights.
+# Warmup: CPO passed --lr_warmup_steps 100, multiplied by the accumulation steps, with the
+# scheduler stepped once per process (4) per optimizer step: 100 x 8 / 4 = 200 optimizer steps
+# with accumulation 8, 100 x 2 / 4 = 50 with 2; $4 is that effective count.
+# Fills the array CPO_ARGS; $1 = default steps, $2 = accumulation, $3 = learning rate, $4 = warmup.
+cpo_args() {
+    NUM_PROCESSES="${NUM_PROCESSES:-4}"
+    CPO_ARGS=(
+        --objective cpo
+        --pretrained_model_name_or_path "${SD_PATH:-stable-diffusion-v1-5/stable-diffusion-v1-5}"
+        --resolution "${RESOLUTION:-512}"
+        --train_batch_size "${TRAIN_BATCH_SIZE:-8}"
+        --gradient_accumulation_steps "${GRAD_ACCUM:-$2}"
+        --max_train_steps "${MAX_TRAIN_STEPS:-$1}"
+        --learning_rate "$3"
+        --lr_scheduler constant_with_warmup
+        --lr_warmup_steps "$4"
+        --adam_beta1 0.9 --adam_beta2 0.999 --adam_weight_decay 1e-2 --adam_epsilon 1e-8
+        --max_grad_norm 1.0
+        --gradient_checkpointing
+        --timestep_sampling_start 0 --timestep_sampling_end 1000
+        --beta_dpo 5000
+        --checkpointing_steps "${CHECKPOINTING_STEPS:-1000}"
+        --validation_steps "${VALIDATION_STEPS:-1000}"
+        --max_val_samples 1
+        --num_validation_inference_steps 20
+        --dataloader_num_workers "${NUM_WORKERS:-8}"
+        --seed 0
+        --resume_from_checkpoint latest
+    )
+}

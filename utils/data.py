@@ -144,7 +144,8 @@ class ControlNetRows:
     ``resize_interpolation`` is ``bicubic`` (reward stage) or ``bilinear`` (stage one), with
     antialiasing; labels are mapped to classes at full size and resized nearest, or, with
     ``label_from_resized`` (the original's ADE20K labels), resized like the condition and mapped after. The target image is normalised to [-1, 1]
-    as ``Normalize([0.5], [0.5])`` does it, the condition stays in [0, 1].
+    as ``Normalize([0.5], [0.5])`` does it, the condition stays in [0, 1]. CPO's losing condition
+    (``loser_conditioning_image_column``) goes through the condition's resize and crop.
 
     Randomness (crop, caption choice, condition dropout) comes from a generator seeded by
     (seed, epoch, row index), so a row transforms the same way whatever the worker, the number
@@ -170,6 +171,7 @@ class ControlNetRows:
         resize_mode: str = "squash",
         resize_interpolation: str = "bicubic",
         label_from_resized=None,
+        loser_conditioning_image_column: str | None = None,
     ):
         import datasets
 
@@ -185,12 +187,14 @@ class ControlNetRows:
         require_columns(
             dataset,
             {"--image_column": image_column, "--caption_column": caption_column,
-             "--conditioning_image_column": conditioning_image_column, "--label_column": label_column},
+             "--conditioning_image_column": conditioning_image_column, "--label_column": label_column,
+             "--loser_conditioning_image_column": loser_conditioning_image_column},
             dataset_name,
         )
         if label_column is not None and label_from_image is None:
             raise ValueError("--label_column needs a reward model that turns label images into class maps.")
-        self.image_columns = [c for c in (image_column, conditioning_image_column, label_column) if c is not None]
+        self.image_columns = [c for c in (image_column, conditioning_image_column, label_column,
+                                          loser_conditioning_image_column) if c is not None]
         # Unused columns (e.g. ADE20K's seg_map) would otherwise be read and decoded for every row.
         dataset = dataset.select_columns(list(dict.fromkeys([*self.image_columns, caption_column])))
         # Decode images ourselves, column by column, so a corrupt cell is reported with its column and row.
@@ -203,6 +207,7 @@ class ControlNetRows:
         self.image_column, self.caption_column = image_column, caption_column
         self.conditioning_image_column, self.label_column = conditioning_image_column, label_column
         self.label_from_image = label_from_image
+        self.loser_conditioning_image_column = loser_conditioning_image_column
         self.dataset_name = dataset_name  # "<name> (<split>)": row errors name dataset, split, row and column
         self.train = train
         self.seed = seed
@@ -287,6 +292,10 @@ class ControlNetRows:
             condition = to_rgb(_pil_from_value(row[self.conditioning_image_column], self.conditioning_image_column, index,
                                                     self.dataset_name))
             out["conditioning_pixel_values"] = resize(condition, self.resize_interpolation)
+        if self.loser_conditioning_image_column is not None:  # CPO: the losing condition, same geometry
+            loser = to_rgb(_pil_from_value(row[self.loser_conditioning_image_column],
+                                           self.loser_conditioning_image_column, index, self.dataset_name))
+            out["loser_conditioning_pixel_values"] = resize(loser, self.resize_interpolation)
         if self.label_column is not None:
             label_image = _pil_from_value(row[self.label_column], self.label_column, index, self.dataset_name)
             if self.label_from_resized is not None:

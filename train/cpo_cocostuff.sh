@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# CPO fine-tuning, task segmentation (CPO's train/reward_cocostuff_CPO.sh: grad_scale 0.05, margin 1e-2, lr 1e-8, 10000 steps,
+# accumulation 8, EMA), starting from the ControlNet++ model of train/reward_cocostuff.sh.
+#   train/cpo_cocostuff.sh                                     # CPO's run (4 GPUs)
+#   NUM_PROCESSES=1 TRAIN_BATCH_SIZE=2 train/cpo_cocostuff.sh --max_train_steps 10   # flags after it override
+# The dataset carries winner / loser condition columns: CPO's published one, or one built for any
+# dataset by train/build_cpo_data.py (see train/README.md "CPO").
+# Environment: SD_PATH CONTROLNET_PATH DATASET IMAGE_COLUMN OUTPUT_DIR NUM_PROCESSES MIXED_PRECISION
+# RESOLUTION TRAIN_BATCH_SIZE GRAD_ACCUM MAX_TRAIN_STEPS CHECKPOINTING_STEPS VALIDATION_STEPS ACCELERATE_CONFIG.
+source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
+cpo_args 10000 8 1e-8 200
+run_accelerate train/reward_control.py \
+    --task_name segmentation \
+    --controlnet_model_name_or_path "${CONTROLNET_PATH:-work_dirs/reward_model/cocostuff}" \
+    --dataset_name "${DATASET:-ucfzl/COCOstuff}" \
+    --image_column "${IMAGE_COLUMN:-image}" \
+    --caption_column prompt \
+    --conditioning_image_column winner \
+    --grad_scale 0.05 \
+    --margin 1e-2 \
+    --use_ema \
+    "${CPO_ARGS[@]}" \
+    --tracker_project_name cpo_cocostuff \
+    --output_dir "${OUTPUT_DIR:-work_dirs/cpo/cocostuff}" \
+    "$@"
