@@ -9,6 +9,9 @@ Variants, each measured in a fresh subprocess on the same models (same seed) and
               sample (defect 7), the whole batch decoded by the VAE and scored by the reward model,
               then masked (defect 6)
     ours      train/reward_control.py: vectorised x0, decode and score only the samples in the window
+    cpo       --objective cpo (docs/CPO.md): the plain diffusion loss plus winner and loser conditions
+              through the trained ControlNet (with gradient) and its frozen reference (without); what
+              CPO costs per step against ControlNet++ ("ours"), printed as ratios without a target
 Batch 4 with exactly one sample inside the reward window (t = 50 of 50 / 400 / 700 / 950), the
 ~25% a uniform t in [0, 1000) with window 0..200 gives on average. One step = forward +
 backward through the trainable ControlNet (no optimizer step: identical in all variants).
@@ -40,7 +43,7 @@ import torch  # noqa: E402
 
 from train import reward_control  # noqa: E402
 
-VARIANTS = ("floor", "original", "ours")
+VARIANTS = ("floor", "original", "ours", "cpo")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TIMESTEPS = (50, 400, 700, 950)  # exactly one sample inside the window 0..200
 TEXT_TOKENS = 77
@@ -174,6 +177,12 @@ def measure(variant: str, options) -> dict:
     args = SimpleNamespace(timestep_sampling_start=0, timestep_sampling_end=1000, min_timestep_rewarding=0,
                            max_timestep_rewarding=200, diffusion_loss_weight=1.0, grad_scale=1.0)
     controlnet = parts.controlnet
+    reference = None
+    if variant == "cpo":  # a loser condition that differs from the winner: the condition of the flipped image
+        with torch.no_grad():
+            batch["loser_conditioning_pixel_values"] = batch["conditioning_pixel_values"].flip(-1)
+        args.beta_dpo, args.margin = 5000.0, 5e-3
+        reference = reward_control.frozen_reference(controlnet, device, dtype)
 
     def step():
         generator = torch.Generator(device=device).manual_seed(0)
@@ -188,6 +197,9 @@ def measure(variant: str, options) -> dict:
             out = reward_control.training_step(batch, parts, controlnet, args, generator, None, timesteps)
         elif variant == "ours":
             out = reward_control.training_step(batch, parts, controlnet, args, generator, reward_model, timesteps)
+        elif variant == "cpo":
+            out = reward_control.training_step(batch, parts, controlnet, args, generator, None, timesteps,
+                                               reference=reference)
         else:
             out = original_training_step(batch, parts, controlnet, args, generator, reward_model, timesteps)
         return out
@@ -270,6 +282,9 @@ def main(argv=None) -> dict:
               f"ours/floor {ours['time_s'] / floor['time_s']:.3f})")
     for name, (value, target) in ratios.items():
         print(f"{name:<26}{value:>8.3f}   target <= {target:<5} {'ok' if value <= target else 'MISSED'}")
+    cpo = results["cpo"]
+    print(f"{'CPO vs ControlNet++ (ours)':<26}{'wall' if clock == 'time_s' else 'CPU time'} {cpo[clock] / ours[clock]:.3f}x, peak "
+          f"{cpo['peak_bytes'] / max(ours['peak_bytes'], 1):.3f}x (plus one frozen ControlNet's weights: the reference)")
     print(f"same loss (ours vs original): |diff| = {abs(ours['loss'] - original['loss']):.2e}"
           + (" (canny's non-maximum suppression can flip a pixel on ~1e-6 decoder rounding differences "
              "between batch sizes)" if options.reward == "canny" else ""))

@@ -53,6 +53,12 @@ T_WORKERS_RESUME = "tests/test_schedules.py::test_worker_processes_and_an_explic
 T_MIXED = "tests/test_mixed_precision.py::test_half_precision_step_keeps_fp32_master_weights_and_matches_fp32"
 T_VAE_DDIM = "tests/test_eval_options.py::test_vae_path_and_ddim_reach_the_pipeline"
 T_REAL_IMAGES = "tests/test_eval_options.py::test_real_image_path_is_what_fid_compares_with"
+T_CPO_LOSS = "tests/test_cpo.py::test_cpo_loss_equals_the_formula_and_its_gradient"
+T_CPO_FLAGS = "tests/test_cpo.py::test_cpo_flags_find_the_loser_column_by_cpos_rule_and_refuse_what_does_not_apply"
+T_CPO_STEP = "tests/test_cpo.py::test_cpo_step_trains_only_the_controlnet_and_never_moves_the_reference"
+T_CPO_SAME = "tests/test_cpo.py::test_identical_winner_and_loser_give_half_the_margin_and_no_preference_gradient"
+T_CPO_STEP_SAME = T_CPO_SAME
+T_CPO_DATA = "tests/test_cpo.py::test_preference_data_holds_the_rows_with_eval_conditions_as_winner_and_loser"
 
 MUTANTS: list[Mutant] = [
     # ---- the four misses of issue 17
@@ -228,6 +234,31 @@ MUTANTS: list[Mutant] = [
            "paper_prediction = segmenter.predict_mmseg(images)",
            ("tests/test_eval.py::test_eval_seg_paper_protocol_segments_at_the_original_dataloaders_scale",),
            "the paper protocol segments at the config's scale, not the original dataloader's (2048, 512)"),
+    # ---- CPO (issue 15)
+    Mutant("cpo-reverse-term-weight", "train/reward_control.py",
+           "CPO_FORWARD_WEIGHT, CPO_REVERSE_WEIGHT = 0.9, 0.1", "CPO_FORWARD_WEIGHT, CPO_REVERSE_WEIGHT = 0.9, 0.0",
+           (T_CPO_LOSS,), "CPO's reverse hinge dropped"),
+    Mutant("cpo-weight-not-detached", "train/reward_control.py",
+           "weight = torch.sigmoid(0.5 * beta * (margin_now.detach() - ", "weight = torch.sigmoid(0.5 * beta * (margin_now - ",
+           (T_CPO_LOSS,), "the preference weight back-propagated (CPO detaches it)"),
+    Mutant("cpo-mask-includes-t0", "train/reward_control.py",
+           "args.beta_dpo, args.margin,\n                    timesteps > 0)", "args.beta_dpo, args.margin,\n                    timesteps >= 0)",
+           (T_CPO_STEP_SAME,), "CPO averages over t > 0 only"),
+    Mutant("cpo-reference-is-the-trained-model", "train/reward_control.py",
+           "reference = copy.deepcopy(controlnet).requires_grad_(False).eval()", "reference = controlnet",
+           (T_CPO_STEP,), "the reference must be a frozen copy"),
+    Mutant("cpo-loser-with-other-noise", "train/reward_control.py",
+           "noisy = scheduler.add_noise(latents, noise, timesteps).repeat(2, 1, 1, 1)",
+           "noisy = torch.cat([scheduler.add_noise(latents, noise, timesteps), scheduler.add_noise(latents, "
+           "torch.randn(latents.shape, generator=generator, dtype=latents.dtype), timesteps)])",
+           (T_CPO_SAME,), "winner and loser must share the noise"),
+    Mutant("cpo-loser-column-rule", "train/reward_control.py",
+           'loser = args.conditioning_image_column.replace("winner", "loser")',
+           'loser = args.conditioning_image_column + "_loser"',
+           (T_CPO_FLAGS,), "CPO's rule: winner -> loser in the column name"),
+    Mutant("cpo-data-loser-is-the-winner", "train/build_cpo_data.py",
+           "loser_column: read(condition_path(generations, 0, row))", "loser_column: winner",
+           (T_CPO_DATA,), "the loser is the condition of the generation"),
 ]
 
 

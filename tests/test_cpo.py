@@ -126,3 +126,161 @@ def test_preference_data_refuses_eval_flags_it_sets_itself(toy_world, tmp_path):
     result = subprocess.run([sys.executable, "train/build_cpo_data.py", "--task_name", "canny", "--num_groups", "2",
                              "--output_dir", str(tmp_path)], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 2 and "--num_groups is 1 here" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The step and the runs, on a preference dataset built by train/build_cpo_data.py
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cpo_dataset(toy_world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cpo_data")
+    build_cpo_data(toy_world, out, "canny", 12)
+    return out / "dataset"
+
+
+def cpo_flags(world: Path, dataset: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["--task_name", "canny", "--objective", "cpo", "--pretrained_model_name_or_path", str(world / "toy-sd15"),
+            "--controlnet_model_name_or_path", str(world / "toy-controlnet"), "--dataset_name", str(dataset),
+            "--caption_column", "text", "--conditioning_image_column", "winner_canny", "--resolution", "64",
+            "--train_batch_size", "4", "--beta_dpo", "5000", "--margin", "5e-3", "--grad_scale", "0.05",
+            "--output_dir", str(output_dir), "--report_to", "none", *extra]
+
+
+def cpo_step_inputs(world: Path, dataset: Path, tmp_path: Path):
+    from train import reward_control
+    from utils.data import collate_rows
+
+    args = reward_control.parse_args(cpo_flags(world, dataset, tmp_path / "out"))
+    parts = reward_control.load_stable_diffusion(args, "cpu", torch.float32)
+    reference = reward_control.frozen_reference(parts.controlnet, "cpu", torch.float32)
+    rows = reward_control.build_train_rows(args, parts.tokenizer)
+    return args, parts, reference, collate_rows([rows[i] for i in range(4)])
+
+
+def test_cpo_flags_find_the_loser_column_by_cpos_rule_and_refuse_what_does_not_apply(toy_world, cpo_dataset, tmp_path):
+    from train import reward_control
+
+    args = reward_control.parse_args(cpo_flags(toy_world, cpo_dataset, tmp_path / "out"))
+    assert args.loser_conditioning_image_column == "loser_canny"
+    defaults = reward_control.parse_args([f for f in cpo_flags(toy_world, cpo_dataset, tmp_path / "o")
+                                          if f not in ("--beta_dpo", "5000", "--margin", "5e-3")])
+    assert (defaults.beta_dpo, defaults.margin) == (2500.0, 2e-3)  # CPO's script's defaults
+    base = cpo_flags(toy_world, cpo_dataset, tmp_path / "out")
+    with pytest.raises(ValueError, match="no 'winner' in its name"):
+        reward_control.parse_args([*base, "--conditioning_image_column", "image"])
+    with pytest.raises(ValueError, match="--objective cpo weights the diffusion loss with --grad_scale"):
+        reward_control.parse_args([*base, "--diffusion_loss_weight", "0.5"])
+    with pytest.raises(ValueError, match="--uncertainty_weighting and --reward_warmup_steps shape the reward"):
+        reward_control.parse_args([*base, "--uncertainty_weighting"])
+    reward_flags = [f for f in base if f not in ("--objective", "cpo", "--conditioning_image_column", "winner_canny")]
+    with pytest.raises(ValueError, match="--beta_dpo is a flag of CPO's objective; add --objective cpo"):
+        reward_control.parse_args(reward_flags)
+
+
+def test_cpo_step_trains_only_the_controlnet_and_never_moves_the_reference(toy_world, cpo_dataset, tmp_path):
+    from train import reward_control
+
+    args, parts, reference, batch = cpo_step_inputs(toy_world, cpo_dataset, tmp_path)
+    controlnet = parts.controlnet
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    start = {k: v.clone() for k, v in controlnet.state_dict().items()}
+    optimizer = torch.optim.AdamW(controlnet.parameters(), lr=1e-3)
+    for step in range(2):
+        out = reward_control.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(step),
+                                           reference=reference)
+        if step == 0:  # before any update the trained copy is the reference: D = D_ref, s = 1/2 exactly
+            assert out.logs["cpo_margin"] == out.logs["cpo_reference_margin"]
+            assert out.logs["cpo_weight"] == 0.5 and out.logs["cpo_implicit_accuracy"] == 0.0
+        assert out.loss.item() == pytest.approx(0.05 * out.diffusion_loss.item() + out.logs["cpo_loss"], rel=1e-6)
+        out.loss.backward()
+        for frozen in (parts.unet, parts.vae, parts.text_encoder, reference):
+            assert all(p.grad is None for p in frozen.parameters())
+        grads = [p.grad for p in controlnet.parameters()]
+        assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+    assert any(not torch.equal(start[k], v) for k, v in controlnet.state_dict().items())
+    # After the updates the two copies disagree, so the preference weight moves off 1/2.
+    out = reward_control.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(9),
+                                       reference=reference)
+    assert out.logs["cpo_margin"] != out.logs["cpo_reference_margin"]
+
+
+def test_identical_winner_and_loser_give_half_the_margin_and_no_preference_gradient(toy_world, cpo_dataset, tmp_path):
+    from test_train_step import no_mkldnn
+
+    from train import reward_control
+
+    args, parts, reference, batch = cpo_step_inputs(toy_world, cpo_dataset, tmp_path)
+    batch["loser_conditioning_pixel_values"] = batch["conditioning_pixel_values"].clone()
+    controlnet = parts.controlnet
+    with no_mkldnn():
+        out = reward_control.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0),
+                                           reference=reference)
+        # D = D_ref = 0, s = 1/2: 0.9 * 1/2 * margin + 0.1 * 1/2 * margin, whatever the timesteps (t > 0 here).
+        assert out.logs["cpo_loss"] == pytest.approx(0.5 * args.margin, rel=1e-6)
+        out.loss.backward()
+        with_preference = [p.grad.clone() for p in controlnet.parameters()]
+        controlnet.zero_grad()
+        # The same draws without the preference term: the plain loss alone gives the same gradient.
+        plain = reward_control.predict_noise(batch, parts, controlnet, args, torch.Generator().manual_seed(0))
+        (args.grad_scale * plain.diffusion_loss).backward()
+    for a, b in zip(with_preference, (p.grad for p in controlnet.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-9)
+    # CPO averages over the samples with t > 0 only: all at t = 0, the preference term is 0.
+    args.timestep_sampling_end = 1
+    out = reward_control.training_step(batch, parts, controlnet, args, torch.Generator().manual_seed(0),
+                                       reference=reference)
+    assert out.logs["cpo_loss"] == 0.0
+
+
+def test_cpo_resumed_run_ends_like_an_uninterrupted_one_and_logs_its_terms(toy_world, cpo_dataset, tmp_path,
+                                                                          fresh_accelerate_state):  # noqa: F811
+    import json
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    from train import reward_control
+
+    def run(out: Path, steps: int):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        reward_control.main(reward_control.parse_args(cpo_flags(
+            toy_world, cpo_dataset, out, "--max_train_steps", str(steps), "--checkpointing_steps", "2",
+            "--validation_steps", "100", "--learning_rate", "1e-3", "--use_ema", "--resume_from_checkpoint", "latest",
+            "--num_validation_images", "1", "--num_validation_inference_steps", "2")))
+
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run(whole, 4)
+    run(part, 2)
+    run(part, 4)
+    assert_same_weights(whole, part)
+    assert_same_weights(whole / "controlnet_ema", part / "controlnet_ema")
+    log = [json.loads(line) for line in (whole / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+    for key in ("cpo_loss", "cpo_winner_loss", "cpo_loser_loss", "cpo_margin", "cpo_reference_margin",
+                "cpo_implicit_accuracy", "cpo_weight", "diffusion_loss"):
+        assert all(np.isfinite(entry[key]) for entry in log), key
+    assert log[0]["cpo_margin"] == log[0]["cpo_reference_margin"] and log[0]["cpo_weight"] == 0.5
+    config = json.loads((whole / "training_config.json").read_text())
+    assert config["objective"] == "cpo" and config["loser_conditioning_image_column"] == "loser_canny"
+
+
+def test_cpo_launcher_on_two_processes(toy_world, cpo_dataset, tmp_path):
+    """train/cpo_canny.sh as users run it, CPU-sized: 2 gloo processes (DDP sees two forwards of the
+    ControlNet per step: the plain loss and the preference pair), EMA as CPO's canny launcher."""
+    out = tmp_path / "cpo_canny"
+    env = {"SD_PATH": str(toy_world / "toy-sd15"), "CONTROLNET_PATH": str(toy_world / "toy-controlnet"),
+           "DATASET": str(cpo_dataset), "OUTPUT_DIR": str(out), "NUM_PROCESSES": "2", "RESOLUTION": "64",
+           "TRAIN_BATCH_SIZE": "2", "GRAD_ACCUM": "1", "MAX_TRAIN_STEPS": "2", "CHECKPOINTING_STEPS": "2",
+           "VALIDATION_STEPS": "2", "NUM_WORKERS": "0"}
+    result = run_entry(["-c", "import subprocess, sys; sys.exit(subprocess.call(['bash', 'train/cpo_canny.sh', "
+                        "'--caption_column', 'text', '--num_validation_images', '1', "
+                        "'--num_validation_inference_steps', '2', '--report_to', 'none']))"], env=env)
+    assert "--objective cpo" in result.stdout and "--beta_dpo 5000" in result.stdout
+    assert "--margin 5e-3" in result.stdout and "--use_ema" in result.stdout
+    assert (out / "diffusion_pytorch_model.safetensors").is_file() and (out / "controlnet_ema").is_dir()
+    assert (out / "validation" / "step-2" / "sample-0.png").is_file()

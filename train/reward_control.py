@@ -31,6 +31,9 @@ The step (``training_step``), per batch:
         r_i = reward_model.loss(reward_model(image), reward_model.target(batch))
     reward_loss = sum(r_i) / (mask.sum() + 1e-10)
     loss = diffusion_loss_weight * diffusion_loss + grad_scale * reward_loss
+With --objective cpo (CPO, NeurIPS 2025; docs/CPO.md) the reward is replaced by a preference
+between the row's winner and loser conditions (``cpo_terms``), with no reward model:
+    loss = grad_scale * diffusion_loss + cpo_loss
 
 Outputs in --output_dir (utils/checkpoints.py): the final ControlNet in the folder itself (EMA
 in controlnet_ema/), checkpoint-<N>/, validation/step-<N>/, training_config.json,
@@ -45,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: utils
 
 import argparse
 import contextlib
+import copy
 import functools
 import importlib.util
 import json
@@ -52,7 +56,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -214,6 +218,20 @@ def build_parser(description: str, reward: bool) -> argparse.ArgumentParser:
                "Ctrl-U also widens the window: --max_timestep_rewarding 400.")
         a("--uncertainty_timestep_offset", type=int, default=1, help="Ctrl-U: the second timestep is t + this.")
         a("--uncertainty_scale", type=float, default=1.0, help="Ctrl-U: U = this x the per-pixel disagreement.")
+        # CPO (NeurIPS 2025): a preference between two conditions instead of the reward; CPO's own flag
+        # names and defaults, so that its command lines carry over (docs/CPO.md).
+        a("--objective", default="reward", choices=("reward", "cpo"),
+          help="reward: ControlNet++ (Ctrl-U with --uncertainty_weighting); cpo: CPO's condition preference "
+               "loss between --conditioning_image_column (winner) and the loser column, no reward model.")
+        a("--loser_conditioning_image_column", default=None,
+          help="CPO: column of the losing condition; default: the winner column with 'winner' replaced by "
+               "'loser' (CPO's rule: winner_canny -> loser_canny).")
+        a("--beta_dpo", type=float, default=None, help=f"CPO: beta of the preference weight (default "
+          f"{CPO_DEFAULTS['beta_dpo']:g}, CPO's; its launchers pass 5000).")
+        a("--margin", type=float, default=None, help=f"CPO: margin of the hinge (default {CPO_DEFAULTS['margin']:g}, CPO's).")
+        a("--start_step", type=int, default=None,
+          help="CPO: accepted for CPO's command lines; there it only changed which total was logged before that "
+               "step, never the gradient (every term is logged here).")
     return p
 
 
@@ -291,7 +309,12 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.report_to in ("wandb", "all") and importlib.util.find_spec("wandb") is None:
         raise ValueError("--report_to wandb needs wandb: `pip install wandb`, or use --report_to tensorboard.")
 
-    if reward:
+    if reward and args.objective == "cpo":
+        validate_cpo(args)
+    elif reward:
+        for flag in CPO_DEFAULTS | {"loser_conditioning_image_column": None, "start_step": None}:
+            if getattr(args, flag) is not None:
+                raise ValueError(f"--{flag} is a flag of CPO's objective; add --objective cpo or drop it.")
         if not args.timestep_sampling_start <= args.min_timestep_rewarding <= args.max_timestep_rewarding \
                 < args.timestep_sampling_end:
             raise ValueError(
@@ -324,6 +347,32 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     validate_numbers(args)
     validate_paths(args)
     return args
+
+
+def validate_cpo(args: argparse.Namespace) -> None:
+    """--objective cpo: a winner and a loser condition column, CPO's defaults; nothing of the reward."""
+    if args.conditioning_image_column is None:
+        raise ValueError("--objective cpo contrasts two condition columns of the dataset: pass "
+                         "--conditioning_image_column with the winning one (winner_<task> in CPO's datasets, or as "
+                         "written by train/build_cpo_data.py).")
+    if args.loser_conditioning_image_column is None:
+        loser = args.conditioning_image_column.replace("winner", "loser")
+        if loser == args.conditioning_image_column:
+            raise ValueError(f"--conditioning_image_column {loser} has no 'winner' in its name to find the loser "
+                             "column by CPO's rule: pass --loser_conditioning_image_column.")
+        args.loser_conditioning_image_column = loser
+    if args.uncertainty_weighting or args.reward_warmup_steps:
+        raise ValueError("--uncertainty_weighting and --reward_warmup_steps shape the reward, which --objective cpo "
+                         "does not use; drop them.")
+    if args.diffusion_loss_weight != 1.0:
+        raise ValueError("--objective cpo weights the diffusion loss with --grad_scale (CPO's meaning of the flag); "
+                         "drop --diffusion_loss_weight.")
+    for flag in ("label_column", "label_format", "reward_model_checkpoint"):
+        if getattr(args, flag) is not None:
+            raise ValueError(f"--objective cpo loads no reward model and reads no labels; drop --{flag}.")
+    for flag, default in CPO_DEFAULTS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
 
 
 def validate_paths(args: argparse.Namespace) -> None:
@@ -382,6 +431,8 @@ def validate_numbers(args: argparse.Namespace) -> None:
         require(args, "reward_warmup_steps", low=0)
         require(args, "uncertainty_timestep_offset", low=1)
         require(args, "uncertainty_scale", low=0, low_inclusive=False)
+        require(args, "beta_dpo", low=0, low_inclusive=False, why="it scales CPO's preference weight")
+        require(args, "margin", low=0)
 
 
 def parse_args(input_args=None) -> argparse.Namespace:
@@ -495,7 +546,9 @@ def load_train_dataset(args):
         dataset = dataset.select(rows_to_keep(args.wrong_ids_file, len(dataset)))
     require_columns(dataset, {"--image_column": args.image_column, "--caption_column": args.caption_column,
                               "--conditioning_image_column": args.conditioning_image_column,
-                              "--label_column": args.label_column},
+                              "--label_column": args.label_column,
+                              "--loser_conditioning_image_column": getattr(args, "loser_conditioning_image_column",
+                                                                           None)},
                     f"{args.dataset_name} (split {args.dataset_split})")
     if args.max_train_samples is not None:
         # The first rows, not a shuffled subset: row indices in error messages stay the dataset's own.
@@ -516,6 +569,7 @@ def build_train_rows(args, tokenizer, reward_model=None, train: bool = True) -> 
         all_condition_dropout=args.all_condition_dropout, dataset_name=f"{args.dataset_name} ({args.dataset_split})",
         resize_mode=args.resize_mode, resize_interpolation=args.resize_interpolation,
         label_from_resized=palette_label_mapping(args, reward_model),
+        loser_conditioning_image_column=getattr(args, "loser_conditioning_image_column", None),
     )
 
 
@@ -556,6 +610,7 @@ class StepOutput:
     reward_loss: torch.Tensor  # 0 when no sample is in the window (or no reward model)
     rewarded_fraction: float  # share of the batch inside the reward window
     uncertainty: float | None = None  # Ctrl-U: mean U over the rewarded pixels (None when off)
+    logs: dict[str, float] = field(default_factory=dict)  # further per-step values (CPO's terms)
 
 
 def step_generator(seed: int, process_index: int, global_step: int, micro_step: int, device) -> torch.Generator:
@@ -704,8 +759,9 @@ def reward_weight(args, global_step: int) -> float:
 
 def training_step(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn.Module, args,
                   generator: torch.Generator, reward_model=None, timesteps: torch.Tensor | None = None,
-                  global_step: int | None = None) -> StepOutput:
-    """loss = diffusion_loss_weight * diffusion_loss + grad_scale * reward_loss (paper Eq. 7).
+                  global_step: int | None = None, reference: torch.nn.Module | None = None) -> StepOutput:
+    """loss = diffusion_loss_weight * diffusion_loss + grad_scale * reward_loss (paper Eq. 7); with a
+    CPO ``reference`` (--objective cpo): loss = grad_scale * diffusion_loss + cpo_loss.
 
     ``controlnet`` is the (possibly DDP-wrapped) trainable model; ``parts`` holds the frozen ones.
     Plain ControlNet fine-tuning when ``args`` has no reward flags (train_controlnet.py); there
@@ -714,6 +770,10 @@ def training_step(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn
     With a reward weight of 0 the reward loss is still computed, without gradient, for the logs.
     """
     prediction = predict_noise(batch, parts, controlnet, args, generator, reward_model, timesteps)
+    if reference is not None:
+        preference, logs = cpo_terms(batch, parts, controlnet, reference, args, generator, prediction)
+        return StepOutput(args.grad_scale * prediction.diffusion_loss + preference, prediction.diffusion_loss.detach(),
+                          torch.zeros((), device=preference.device), 0.0, logs=logs)
     loss = args.diffusion_loss_weight * prediction.diffusion_loss
     reward_loss, rewarded_fraction, uncertainty = torch.zeros((), device=loss.device), 0.0, None
     if reward_model is not None and hasattr(args, "grad_scale"):
@@ -725,6 +785,87 @@ def training_step(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn
         if weight > 0:
             loss = loss + weight * reward_loss
     return StepOutput(loss, prediction.diffusion_loss.detach(), reward_loss.detach(), rewarded_fraction, uncertainty)
+
+
+# --------------------------------------------------------------------------------------------
+# 4b. CPO (Lyu et al., NeurIPS 2025, arXiv 2511.04753): the winner condition c_w of a row against a
+#     loser c_l (a condition extracted from a ControlNet's generation), judged by the diffusion loss
+#     of the trained ControlNet relative to its frozen starting copy. No reward model, every t.
+# --------------------------------------------------------------------------------------------
+
+CPO_DEFAULTS = {"beta_dpo": 2500.0, "margin": 2e-3}  # CPO's script's defaults (its launchers: 5000, per-task)
+CPO_FORWARD_WEIGHT, CPO_REVERSE_WEIGHT = 0.9, 0.1  # CPO's fixed weights of its two hinge terms
+
+
+def frozen_reference(controlnet: torch.nn.Module, device_type: str, weight_dtype: torch.dtype) -> torch.nn.Module:
+    """CPO's reference: a frozen copy of the starting ControlNet (the UNet stays shared). It keeps fp32
+    weights and runs under the autocast that accelerate gives the trained copy, so that both compute
+    the same numbers before the first update (D = D_ref exactly)."""
+    reference = copy.deepcopy(controlnet).requires_grad_(False).eval()
+    if weight_dtype != torch.float32:
+        reference.forward = torch.autocast(device_type=device_type, dtype=weight_dtype)(reference.forward)
+    return reference
+
+
+def cpo_loss(winner_loss: torch.Tensor, loser_loss: torch.Tensor, reference_winner_loss: torch.Tensor,
+             reference_loser_loss: torch.Tensor, beta: float, margin: float, mask: torch.Tensor) -> torch.Tensor:
+    """CPO's loss from per-sample diffusion MSEs (B,), averaged over ``mask`` (B,) bool (CPO: t > 0):
+
+        D = L_w - L_l,  D_ref = R_w - R_l,  s = sigmoid(beta / 2 * (D - D_ref))   (no gradient)
+        0.9 * s * relu(D + margin) + 0.1 * (1 - s) * relu(margin - D)
+
+    s is large while the trained model prefers the winner less than the reference does; the hinge
+    then pushes L_w below L_l - margin, and the small reverse term stops the margin running away.
+    0 (still in the graph) when the mask is empty, as in CPO's script.
+    """
+    margin_now = winner_loss - loser_loss
+    weight = torch.sigmoid(0.5 * beta * (margin_now.detach() - (reference_winner_loss - reference_loser_loss)))
+    per_sample = (CPO_FORWARD_WEIGHT * weight * F.relu(margin_now + margin)
+                  + CPO_REVERSE_WEIGHT * (1 - weight) * F.relu(margin - margin_now))
+    mask = mask.to(per_sample.dtype)
+    if mask.sum() == 0:
+        return per_sample.sum() * 0
+    return (per_sample * mask).sum() / mask.sum()
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 mean squared error of each sample."""
+    return (prediction.float() - target.float()).pow(2).mean(dim=list(range(1, prediction.dim())))
+
+
+def cpo_terms(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn.Module, reference: torch.nn.Module,
+              args, generator: torch.Generator, prediction: NoisePrediction) -> tuple[torch.Tensor, dict[str, float]]:
+    """CPO's preference loss for one batch and what it logs.
+
+    One new timestep and one new noise per image, the same for both conditions (CPO draws them
+    apart from the plain diffusion loss's); the clean latents and text features are the plain
+    step's. Winner and loser go through one batched forward of the trained ControlNet, then of the
+    reference without gradient. The winner is never dropped (condition dropout acts on the plain loss).
+    """
+    latents, scheduler = prediction.latents, parts.noise_scheduler
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(args.timestep_sampling_start, args.timestep_sampling_end, (latents.shape[0],),
+                              generator=generator, device=latents.device).long()
+    noisy = scheduler.add_noise(latents, noise, timesteps).repeat(2, 1, 1, 1)
+    both_t, text = timesteps.repeat(2), prediction.encoder_hidden_states.repeat(2, 1, 1)
+    conditions = torch.cat([batch["conditioning_pixel_values"], batch["loser_conditioning_pixel_values"]])
+    conditions = conditions.to(parts.weight_dtype)
+    target = diffusion_target(scheduler, latents, noise, timesteps).repeat(2, 1, 1, 1)
+    winner_loss, loser_loss = per_sample_mse(controlled_unet(parts, controlnet, noisy, both_t, text, conditions),
+                                             target).chunk(2)
+    with torch.no_grad():
+        reference_winner, reference_loser = per_sample_mse(
+            controlled_unet(parts, reference, noisy, both_t, text, conditions), target).chunk(2)
+    loss = cpo_loss(winner_loss, loser_loss, reference_winner, reference_loser, args.beta_dpo, args.margin,
+                    timesteps > 0)
+    margin_now, reference_margin = (winner_loss - loser_loss).detach(), reference_winner - reference_loser
+    logs = {"cpo_loss": loss.item(), "cpo_winner_loss": winner_loss.mean().item(),
+            "cpo_loser_loss": loser_loss.mean().item(), "cpo_margin": margin_now.mean().item(),
+            "cpo_reference_margin": reference_margin.mean().item(),
+            # The trained model prefers the winner more than the reference does (DPO's implicit accuracy).
+            "cpo_implicit_accuracy": (margin_now < reference_margin).float().mean().item(),
+            "cpo_weight": torch.sigmoid(0.5 * args.beta_dpo * (margin_now - reference_margin)).mean().item()}
+    return loss, logs
 
 
 # --------------------------------------------------------------------------------------------
@@ -752,7 +893,8 @@ def _tracker_config(args) -> dict:
             for key, value in config_dict(args).items()}
 
 
-def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, reward_model=None) -> None:
+def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, reward_model=None,
+          reference: torch.nn.Module | None = None) -> None:
     """Train ``parts.controlnet`` on ``rows``; save checkpoints, validation grids and the final model.
 
     Writes to ``--output_dir``: ``training_config.json``; ``checkpoint-<N>/`` (accelerate state
@@ -763,13 +905,14 @@ def train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, 
     """
     lock = lock_output_dir(accelerator, args.output_dir)  # before anything is written there
     try:
-        _train(args, accelerator, parts, rows, reward_model)
+        _train(args, accelerator, parts, rows, reward_model, reference)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, reward_model=None) -> None:
+def _train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows, reward_model=None,
+           reference: torch.nn.Module | None = None) -> None:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
@@ -836,7 +979,8 @@ def _train(args, accelerator, parts: StableDiffusionParts, rows: ControlNetRows,
             with accelerator.accumulate(controlnet):
                 generator = step_generator(args.seed, accelerator.process_index, global_step, micro_step,
                                            accelerator.device)
-                out = training_step(batch, parts, controlnet, args, generator, reward_model, global_step=global_step)
+                out = training_step(batch, parts, controlnet, args, generator, reward_model, global_step=global_step,
+                                    reference=reference)
                 # All ranks agree on skipping, or DDP's gradient all-reduce would hang.
                 finite = accelerator.reduce(torch.isfinite(out.loss.detach()).float(), reduction="sum")
                 if finite.item() == accelerator.num_processes:
@@ -909,6 +1053,8 @@ def _accumulate(sums: dict, out: StepOutput) -> None:
     sums["rewarded_fraction"] += out.rewarded_fraction
     if out.uncertainty is not None:  # Ctrl-U; averaged over all micro-batches like the rest
         sums["uncertainty"] = sums.get("uncertainty", 0.0) + out.uncertainty
+    for key, value in out.logs.items():
+        sums[key] = sums.get(key, 0.0) + value
 
 
 # --------------------------------------------------------------------------------------------
@@ -920,6 +1066,11 @@ def main(args) -> None:
     """Reward fine-tuning as ``args`` say (train_controlnet.py's main runs the same parts without a reward)."""
     accelerator = make_accelerator(args)
     parts = load_stable_diffusion(args, accelerator.device, weight_dtype_of(accelerator))
+    if args.objective == "cpo":  # no reward model; the frozen starting ControlNet is CPO's reference
+        reference = frozen_reference(parts.controlnet, accelerator.device.type, parts.weight_dtype)
+        rows = build_train_rows(args, parts.tokenizer)
+        train(args, accelerator, parts, rows, None, reference)
+        return
     reward_model = load_reward_model(args, accelerator.device, parts.weight_dtype)
     resolve_label_column(args, reward_model)  # ADE20K without --label_column: the palette condition
     rows = build_train_rows(args, parts.tokenizer, reward_model)
