@@ -283,7 +283,7 @@ def main(argv=None) -> dict:
     for name, (value, target) in ratios.items():
         print(f"{name:<26}{value:>8.3f}   target <= {target:<5} {'ok' if value <= target else 'MISSED'}")
     cpo = results["cpo"]
-    print(f"{'CPO vs ControlNet++ (ours)':<26}{'wall' if clock == 'time_s' else 'CPU time'} {cpo[clock] / ours[clock]:.3f}x, peak "
+    print(f"{'CPO vs ControlNet++ (ours)':<28}{'wall' if clock == 'time_s' else 'CPU time'} {cpo[clock] / ours[clock]:.3f}x, peak "
           f"{cpo['peak_bytes'] / max(ours['peak_bytes'], 1):.3f}x (plus one frozen ControlNet's weights: the reference)")
     print(f"same loss (ours vs original): |diff| = {abs(ours['loss'] - original['loss']):.2e}"
           + (" (canny's non-maximum suppression can flip a pixel on ~1e-6 decoder rounding differences "
