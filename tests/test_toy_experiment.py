@@ -1,4 +1,4 @@
-"""The toy-scale experiment (toy/experiment.py): ControlNet vs ControlNet++ vs Ctrl-U.
+"""The toy-scale experiment (toy/experiment.py): ControlNet vs ControlNet++ vs Ctrl-U vs CPO.
 
 Default tier: the whole command at its small size on a copy of the test toy world (two tasks,
 two seeds, a few steps): baselines via train/train_controlnet.py, every variant through its
