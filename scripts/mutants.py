@@ -247,6 +247,11 @@ MUTANTS: list[Mutant] = [
     Mutant("cpo-reference-is-the-trained-model", "train/reward_control.py",
            "reference = copy.deepcopy(controlnet).requires_grad_(False).eval()", "reference = controlnet",
            (T_CPO_STEP,), "the reference must be a frozen copy"),
+    Mutant("cpo-reference-without-autocast", "train/reward_control.py",
+           "    if weight_dtype != torch.float32:\n        reference.forward = torch.autocast(",
+           "    if False:\n        reference.forward = torch.autocast(",
+           ("tests/test_cpo.py::test_cpo_under_bf16_the_reference_computes_what_the_trained_copy_computes",),
+           "the reference must compute in the trained copy's precision (D = D_ref before the first update)"),
     Mutant("cpo-loser-with-other-noise", "train/reward_control.py",
            "noisy = scheduler.add_noise(latents, noise, timesteps).repeat(2, 1, 1, 1)",
            "noisy = torch.cat([scheduler.add_noise(latents, noise, timesteps), scheduler.add_noise(latents, "

@@ -269,6 +269,24 @@ def test_cpo_resumed_run_ends_like_an_uninterrupted_one_and_logs_its_terms(toy_w
     assert config["objective"] == "cpo" and config["loser_conditioning_image_column"] == "loser_canny"
 
 
+def test_cpo_under_bf16_the_reference_computes_what_the_trained_copy_computes(toy_world, cpo_dataset, tmp_path,
+                                                                           fresh_accelerate_state):  # noqa: F811
+    """--mixed_precision bf16 (the CPU's half dtype; fp16 on GPUs goes the same way): the reference runs
+    under the autocast accelerate gives the trained copy, so before the first update D = D_ref exactly
+    and the preference weight is exactly 1/2 (a reference in another precision would tilt it)."""
+    import json
+
+    from train import reward_control
+
+    out = tmp_path / "bf16"
+    reward_control.main(reward_control.parse_args(cpo_flags(
+        toy_world, cpo_dataset, out, "--mixed_precision", "bf16", "--max_train_steps", "2", "--checkpointing_steps",
+        "100", "--validation_steps", "100", "--learning_rate", "1e-3")))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[0]["cpo_margin"] == log[0]["cpo_reference_margin"] and log[0]["cpo_weight"] == 0.5
+    assert all(np.isfinite(entry["cpo_loss"]) for entry in log)
+
+
 def test_cpo_launcher_on_two_processes(toy_world, cpo_dataset, tmp_path):
     """train/cpo_canny.sh as users run it, CPU-sized: 2 gloo processes (DDP sees two forwards of the
     ControlNet per step: the plain loss and the preference pair), EMA as CPO's canny launcher."""
