@@ -134,8 +134,8 @@ class Size:
 
 
 SIZES = {
-    # The default: the paper's table at toy scale within the budget (under 15 minutes on 2
-    # cores with the pretrained toy world present): 40 steps per run, 64 validation rows x 1 image.
+    # The default: the paper's table at toy scale, 40 steps per run, 64 validation rows x 1 image
+    # (four variants with the baselines: 46 minutes measured on 2 busy cores, docs/TOY_EXPERIMENT.md).
     "full": Size(seeds=(0, 1, 2), steps=40, baseline_steps=500, eval_rows=None, eval_groups=1,
                  eval_inference_steps=10, pretrain_budget="full", metric_points=2),
     # Three times longer runs, two images per validation row (FID over 128): about 35 minutes.
