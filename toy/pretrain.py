@@ -74,7 +74,7 @@ BUDGETS: dict[str, dict[str, Stage]] = {
         "segmentation_ade20k": Stage(steps=60, batch_size=8, lr=3e-3),
         "segmentation_cocostuff": Stage(steps=60, batch_size=8, lr=3e-3),
     },
-    # The quickstart's world: the pipeline draws recognisable coloured shapes.
+    # The pretrained world: soft scenes that follow the caption (docs/TOY_PRETRAIN.md, "Before / after").
     "full": {
         "vae": Stage(steps=1500, batch_size=16, lr=2e-3),
         "unet": Stage(steps=5000, batch_size=32, lr=1e-3),
