@@ -807,6 +807,11 @@ def frozen_reference(controlnet: torch.nn.Module, device_type: str, weight_dtype
     return reference
 
 
+def preference_weight(margin_now: torch.Tensor, reference_margin: torch.Tensor, beta: float) -> torch.Tensor:
+    """CPO's s = sigmoid(beta / 2 * (D - D_ref)), without gradient."""
+    return torch.sigmoid(0.5 * beta * (margin_now.detach() - reference_margin))
+
+
 def cpo_loss(winner_loss: torch.Tensor, loser_loss: torch.Tensor, reference_winner_loss: torch.Tensor,
              reference_loser_loss: torch.Tensor, beta: float, margin: float, mask: torch.Tensor) -> torch.Tensor:
     """CPO's loss from per-sample diffusion MSEs (B,), averaged over ``mask`` (B,) bool (CPO: t > 0):
@@ -819,7 +824,7 @@ def cpo_loss(winner_loss: torch.Tensor, loser_loss: torch.Tensor, reference_winn
     0 (still in the graph) when the mask is empty, as in CPO's script.
     """
     margin_now = winner_loss - loser_loss
-    weight = torch.sigmoid(0.5 * beta * (margin_now.detach() - (reference_winner_loss - reference_loser_loss)))
+    weight = preference_weight(margin_now, reference_winner_loss - reference_loser_loss, beta)
     per_sample = (CPO_FORWARD_WEIGHT * weight * F.relu(margin_now + margin)
                   + CPO_REVERSE_WEIGHT * (1 - weight) * F.relu(margin - margin_now))
     mask = mask.to(per_sample.dtype)
@@ -864,7 +869,7 @@ def cpo_terms(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn.Mod
             "cpo_reference_margin": reference_margin.mean().item(),
             # The trained model prefers the winner more than the reference does (DPO's implicit accuracy).
             "cpo_implicit_accuracy": (margin_now < reference_margin).float().mean().item(),
-            "cpo_weight": torch.sigmoid(0.5 * args.beta_dpo * (margin_now - reference_margin)).mean().item()}
+            "cpo_weight": preference_weight(margin_now, reference_margin, args.beta_dpo).mean().item()}
     return loss, logs
 
 
