@@ -42,7 +42,11 @@ from utils.data import load_dataset_any
 from utils.images import to_mode
 from utils.io import save_image, save_json
 
-MODELS = ("controlnet", "t2i-adapter", "controlnet-sdxl")
+MODELS = ("controlnet", "t2i-adapter", "controlnet-sdxl", "oracle")
+# --model oracle: no generation; every "generated" image is the row's real image, brought to the
+# generation resolution and back as generations are. Scored like any model, it gives the metric's
+# ceiling on this dataset (the "oracle" row of CPO's table): what a perfect generator would get.
+ORACLE = "oracle"
 # Settings that change the generated files: a folder generated with other values cannot be
 # completed by this run (checked against eval_config.json).
 # What the stored conditions and annotations are: "original" = as the original release's eval.py
@@ -76,7 +80,8 @@ def parse_args(args=None):
                         help="segmentation: how --label_column is written; default from its name "
                              f"({LABEL_FORMAT_BY_COLUMN})")
     parser.add_argument("--model", default="controlnet", choices=MODELS)
-    parser.add_argument("--model_path", required=True, help="the ControlNet (or T2I-Adapter) to evaluate")
+    parser.add_argument("--model_path", default=None,
+                        help="the ControlNet (or T2I-Adapter) to evaluate; not used with --model oracle")
     parser.add_argument("--sd_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5")
     parser.add_argument("--vae_path", default=None,
                         help="replace the pipeline's VAE (the original used madebyollin/sdxl-vae-fp16-fix for SDXL)")
@@ -103,6 +108,10 @@ def parse_args(args=None):
                         help="default: work_dirs/eval_dirs/<dataset>/<split>/<model_path>_<cfg>-<steps> (the original's)")
     args = parser.parse_args(args)
 
+    if args.model_path is None and args.model != ORACLE:
+        parser.error("--model_path is required (the ControlNet or T2I-Adapter to evaluate)")
+    if args.model == ORACLE:
+        args.model_path = ORACLE  # recorded in eval_config.json; never loaded
     args.task_name = TASK_ALIASES.get(args.task_name, args.task_name)
     if args.task_name not in REWARD_MODELS:
         parser.error(f"--task_name must be one of {tuple(REWARD_MODELS)}, got {args.task_name!r}")
@@ -135,7 +144,7 @@ def parse_args(args=None):
         require(args, "guidance_scale", low=0)
         require(args, "resolution", high=MAX_RESOLUTION, why="larger images do not fit in any GPU's memory")
         require(args, "batch_size", low=1)
-        for flag in ("model_path", "sd_path", "vae_path", "dataset_name"):  # typos: no hub lookup
+        for flag in ("sd_path", "vae_path", "dataset_name", *(("model_path",) if args.model != ORACLE else ())):
             check_local_path(f"--{flag}", getattr(args, flag))
         check_local_path("--reward_model_name_or_path", args.reward_model_name_or_path, kind="any")
         check_writable_dir("--output_dir", args.output_dir)
@@ -311,7 +320,7 @@ def main(args=None):
     if not todo:
         return
     with state.main_process_first():  # the first process fills caches, the others read them
-        pipe = load_pipeline(args, dtype).to(state.device)
+        pipe = None if args.model == ORACLE else load_pipeline(args, dtype).to(state.device)
         annotator_class = reward_class(args.task_name)
         # --reward_model_checkpoint / --label_format only reach a model that takes them (segmentation).
         options = {name: value for name, value in (("checkpoint", args.reward_model_checkpoint),
@@ -319,6 +328,7 @@ def main(args=None):
                    if name in annotator_class.build_options}
         annotator = reward_model(args.task_name, args.reward_model_name_or_path, state.device, **options)
     single_channel = args.model == "t2i-adapter" and pipe.adapter.config.in_channels == 1
+    generation_size = args.generation_resolution or args.resolution
 
     start = time.perf_counter()
     for chunk in tqdm(mine, desc=f"generating (process {state.process_index})", disable=not state.is_main_process):
@@ -333,16 +343,20 @@ def main(args=None):
         # Row-major: row 0 group 0..G-1, row 1 group 0..G-1, ...; one generator per image.
         generators = [torch.Generator("cpu").manual_seed(image_seed(args.seed, item["row"], g))
                       for item in items for g in range(args.num_groups)]
-        with torch.no_grad():
-            generated = pipe(
-                prompt=[item["prompt"] for item in items for _ in range(args.num_groups)],
-                image=[c for c in condition_images for _ in range(args.num_groups)],
-                negative_prompt=[args.negative_prompt] * len(generators),
-                height=args.generation_resolution or args.resolution,
-                width=args.generation_resolution or args.resolution,
-                num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                generator=generators, output_type="np",  # "np" works for every pipeline class
-            ).images
+        if args.model == ORACLE:  # the real images, at the generation resolution (bicubic, as read_row)
+            generated = np.stack([np.asarray(item["image"].resize((generation_size,) * 2, Image.BICUBIC))
+                                  for item in items for _ in range(args.num_groups)]).astype(np.float32) / 255
+        else:
+            with torch.no_grad():
+                generated = pipe(
+                    prompt=[item["prompt"] for item in items for _ in range(args.num_groups)],
+                    image=[c for c in condition_images for _ in range(args.num_groups)],
+                    negative_prompt=[args.negative_prompt] * len(generators),
+                    height=args.generation_resolution or args.resolution,
+                    width=args.generation_resolution or args.resolution,
+                    num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                    generator=generators, output_type="np",  # "np" works for every pipeline class
+                ).images
         if generated.shape[1] != args.resolution:  # --generation_resolution: upsample to the metric's size
             upsampled = torch.nn.functional.interpolate(torch.from_numpy(generated).permute(0, 3, 1, 2),
                                                         size=(args.resolution, args.resolution), mode="bicubic")

@@ -2,7 +2,9 @@
 # Create .venv with everything ControlNet++ needs. Idempotent: a second run with everything
 # present only checks and finishes in well under a minute.
 #
-#   bash scripts/setup.sh
+#   bash scripts/setup.sh                          # everything (the test command runs this)
+#   bash scripts/setup.sh --without-segmentation   # all but mmcv's 15-minute build: every task but
+#                                                  # ADE20K / COCO-Stuff (the quickstart's path)
 #
 # Environment:
 #   VENV=path                     where the virtual environment lives (default: <repo>/.venv)
@@ -25,6 +27,13 @@ TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
 MMCV_VERSION=2.1.0
 MMCV_WHEEL_CACHE=${MMCV_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/controlnetpp/wheels}
 START=$(date +%s)
+SEGMENTATION=1
+for arg in "$@"; do
+  case $arg in
+    --without-segmentation) SEGMENTATION=0 ;;
+    *) echo "setup: unknown argument $arg (known: --without-segmentation)" >&2; exit 2 ;;
+  esac
+done
 
 log() { printf '[setup %3ds] %s\n' "$(( $(date +%s) - START ))" "$*"; }
 
@@ -62,7 +71,19 @@ EOF
 TORCH_TAG=$("$PY" -c 'from importlib.metadata import version; print(version("torch").replace("+", "_"))')
 
 # ---------------------------------------------------------------------------------------------
-# 3. mmcv 2.1.0 with compiled ops (mmsegmentation 1.2.x needs mmcv < 2.2; no wheel exists for
+# 3. Everything else (before mmcv: a quickstart without segmentation needs only this). A stamp of requirements.txt + the torch pins makes a second run skip pip.
+STAMP="$VENV/.requirements.sha256"
+WANT=$(cat "$ROOT/requirements.txt" "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)
+if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
+  log "requirements.txt already installed"
+else
+  log "installing requirements.txt"
+  "${PIP[@]}" install -c "$CONSTRAINTS" -r "$ROOT/requirements.txt"
+  echo "$WANT" > "$STAMP"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 4. mmcv 2.1.0 with compiled ops (mmsegmentation 1.2.x needs mmcv < 2.2; no wheel exists for
 #    current torch, so it is built from the PyPI sdist once and the wheel is cached).
 # "With ops" = the right version and its compiled extension (mmcv/_ext*.so) on disk; a metadata
 # look-up, not an import (importing torch takes seconds; step 5 imports everything once).
@@ -73,6 +94,9 @@ assert glob.glob(os.path.join(os.path.dirname(find_spec('mmcv').origin), '_ext*.
 }
 if mmcv_ok; then
   log "mmcv $MMCV_VERSION with ops already importable"
+elif [[ $SEGMENTATION == 0 ]]; then
+  log "skipping mmcv (--without-segmentation): ADE20K / COCO-Stuff rewards and evaluation need it;" \
+      "run 'bash scripts/setup.sh' once before using them (builds it, about 15 minutes on 2 cores)"
 else
   WHEEL_DIR="$MMCV_WHEEL_CACHE/torch-$TORCH_TAG"
   WHEEL=$(ls "$WHEEL_DIR"/mmcv-$MMCV_VERSION-*.whl 2>/dev/null | head -n 1 || true)
@@ -109,18 +133,6 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 4. Everything else. A stamp of requirements.txt + the torch pins makes a second run skip pip.
-STAMP="$VENV/.requirements.sha256"
-WANT=$(cat "$ROOT/requirements.txt" "$CONSTRAINTS" | sha256sum | cut -d' ' -f1)
-if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
-  log "requirements.txt already installed"
-else
-  log "installing requirements.txt"
-  "${PIP[@]}" install -c "$CONSTRAINTS" -r "$ROOT/requirements.txt"
-  echo "$WANT" > "$STAMP"
-fi
-
-# ---------------------------------------------------------------------------------------------
 # 4b. Reference libraries for the tests only: the versions the paper's 2024 evaluation ran, in
 #     their own folders (never on the project's import path). tests/reference_libs.py runs them
 #     in a subprocess to check the paper-protocol metrics against the real thing.
@@ -137,21 +149,27 @@ done
 
 # ---------------------------------------------------------------------------------------------
 # 5. Check that what the project imports is importable, and say what we have.
-"$PY" - <<'EOF'
+SEGMENTATION=$SEGMENTATION "$PY" - <<'EOF'
 import importlib
+import os
 from importlib.metadata import version
 mods = {"torch": "torch", "torchvision": "torchvision", "diffusers": "diffusers",
         "transformers": "transformers", "accelerate": "accelerate", "datasets": "datasets",
         "kornia": "kornia", "torchmetrics": "torchmetrics", "cleanfid": "clean-fid",
-        "mmengine": "mmengine", "mmcv": "mmcv", "mmseg": "mmsegmentation", "mmdet": "mmdet",
-        "gradio": "gradio"}
+        "mmengine": "mmengine", "gradio": "gradio"}
+segmentation = os.environ["SEGMENTATION"] == "1"
+if segmentation:
+    mods.update({"mmcv": "mmcv", "mmseg": "mmsegmentation", "mmdet": "mmdet"})
 versions = {}
 for module, dist in mods.items():
     importlib.import_module(module)
     versions[dist] = version(dist)
-import mmcv.ops  # noqa: F401  compiled ops are what mmseg's heads need
+if segmentation:
+    import mmcv.ops  # noqa: F401  compiled ops are what mmseg's heads need
 import torch
 print("[setup] ok:", ", ".join(f"{k} {v}" for k, v in versions.items()))
 print("[setup] device:", "cuda x%d" % torch.cuda.device_count() if torch.cuda.is_available() else "cpu")
+if not segmentation:
+    print("[setup] without segmentation: mmcv is not built (bash scripts/setup.sh builds it)")
 EOF
 log "done; activate with: source ${VENV#$ROOT/}/bin/activate"

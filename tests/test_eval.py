@@ -656,3 +656,47 @@ def test_eval_segmentation_two_processes_and_miou(toy_world, tmp_path, benchmark
         expected = miou_numpy(pairs, model.num_classes)
         assert scores[scoring]["metrics"]["miou"] == pytest.approx(expected, abs=1e-9), scoring
         assert scores[scoring]["benchmark"] == benchmark
+
+
+def test_oracle_scores_the_real_images_as_generations(toy_world, tmp_path):
+    """--model oracle: every "generated" image is the row's real image (no model), scored like a model.
+
+    Canny at the dataset's resolution: the real image's edges against themselves, so the paper
+    protocol's F1 is exactly 100. With --generation_resolution the real image goes down to it and
+    back up as generations do: checked against PIL + torch bicubic written out here.
+    """
+    from eval import eval_edge
+    from utils.data import load_dataset_any
+
+    out = tmp_path / "oracle"
+    args = generation_args(toy_world, "canny", out, max_samples=3, model="oracle")
+    args.remove("--model_path")
+    args.remove(str(toy_world / "toy-controlnet"))
+    run_entry(args, env=ENV)
+    real = png(out / "images" / "group_0" / "0.png")
+    dataset_image = load_dataset_any(str(toy_world / "datasets" / "MultiGen-20M_canny_eval"), "validation")[0]["image"]
+    np.testing.assert_array_equal(real, np.asarray(dataset_image.convert("RGB").resize((64, 64), Image.BICUBIC)))
+    np.testing.assert_array_equal(png(out / "images" / "group_1" / "2.png"), png(out / "images" / "group_0" / "2.png"))
+    scores = eval_edge.main(["--root_dir", str(out), "--num_workers", "0"])
+    assert scores["paper"]["metrics"]["f1"] == pytest.approx(100.0)
+    assert json.loads((out / "eval_config.json").read_text())["model"] == "oracle"
+
+    hed = tmp_path / "hed"
+    args = generation_args(toy_world, "hed", hed, max_samples=1, num_groups=1, resolution=192,
+                           generation_resolution=64, model="oracle")
+    run_entry([a for a in args if a not in ("--model_path", str(toy_world / "toy-controlnet"))], env=ENV)
+    at192 = dataset_image.convert("RGB").resize((192, 192), Image.BICUBIC).resize((64, 64), Image.BICUBIC)
+    up = torch.nn.functional.interpolate(torch.from_numpy(np.asarray(at192)).permute(2, 0, 1)[None].float() / 255,
+                                         size=(192, 192), mode="bicubic")
+    expected = (up.clamp(0, 1) * 255).round().byte()[0].permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(png(hed / "images" / "group_0" / "0.png"), expected)
+
+
+def test_model_path_is_required_but_for_the_oracle(toy_world, tmp_path):
+    from eval import eval as generate
+
+    args = generation_args(toy_world, "canny", tmp_path / "x")[1:]
+    without = [a for a in args if a not in ("--model_path", str(toy_world / "toy-controlnet"))]
+    with pytest.raises(SystemExit):
+        generate.parse_args(without)
+    assert generate.parse_args(without + ["--model", "oracle"]).model_path == "oracle"

@@ -58,42 +58,71 @@ def test_the_table_and_results_come_from_the_runs_evaluations(small_experiment):
     table = (out / "table.md").read_text()
     for task in TASKS:
         entry = on_disk["tasks"][task]
+        oracle = json.loads((out / "eval" / task / "oracle" / "results.json").read_text())
+        oracle_config = json.loads((out / "eval" / task / "oracle" / "eval_config.json").read_text())
+        assert oracle_config["model"] == "oracle"
+        assert entry["oracle"]["metric"] == pytest.approx(oracle[spec_metric(experiment, task)[0]]["metrics"]
+                                                          [spec_metric(experiment, task)[1]])
         rows = [line for line in table.splitlines() if line.startswith(f"| {task} (")]
-        assert len(rows) == 2, rows  # metric and FID rows
+        assert len(rows) == 1, rows
         # Every cell is the value of results.json, formatted as the table formats it.
-        metric_cells, fid_cells = (row.strip("|").split("|")[2:] for row in rows)
-        for variant, metric_cell, fid_cell in zip(experiment.VARIANTS, metric_cells, fid_cells):
+        oracle_cell, start_cell, *cells = rows[0].strip("|").split("|")[1:]
+        assert oracle_cell.strip() == f"{entry['oracle']['metric']:.4g} (FID {entry['oracle']['fid']:.3g})"
+        assert start_cell.strip() == f"{entry['start']['metric']:.4g} (FID {entry['start']['fid']:.3g})"
+        for variant, cell in zip(experiment.VARIANTS, cells):
             metric, fid = entry["variants"][variant]["metric"], entry["variants"][variant]["fid"]
-            assert metric_cell.strip().strip("*") == f"{metric['mean']:.4g} ± {metric['std']:.2g}"
-            assert fid_cell.strip() == f"{fid['mean']:.4g} ± {fid['std']:.2g}"
+            text = cell.strip().replace(" ▲", "").replace(" ▼", "")
+            assert text == f"{metric['mean']:.4g} ± {metric['std']:.2g} (FID {fid['mean']:.3g})"
     for name in ("reward_loss.png", "metric_over_steps.png", "samples.png"):
         with Image.open(out / name) as image:
             assert image.width > 200 and image.height > 100
 
 
+def spec_metric(experiment, task):
+    return experiment.TASKS[task].metric
+
+
 def _results(rows: dict) -> dict:
-    """A results.json for table_markdown: {task: (higher_is_better, {variant: mean})}."""
+    """A results.json for table_markdown: {task: (higher_is_better, {variant: per-seed values})}."""
+    from toy import experiment
+
     tasks = {}
-    for task, (higher, means) in rows.items():
+    for task, (higher, values) in rows.items():
+        variants = {v: {"metric": {"mean": statistics.fmean(x), "std": statistics.stdev(x), "per_seed": x},
+                        "fid": {"mean": 2.0, "std": 0.2}} for v, x in values.items()}
+        for v in variants:
+            if v != "controlnet":
+                variants[v]["vs_reference"] = experiment.compare(values[v], values["controlnet"], higher)
         tasks[task] = {"label": "M", "higher_is_better": higher, "start": {"metric": 1.0, "fid": 1.0},
-                       "variants": {v: {"metric": {"mean": m, "std": 0.1}, "fid": {"mean": 2.0, "std": 0.2}}
-                                    for v, m in means.items()}}
-    return {"size": {"seeds": [0, 1], "variants": ["controlnet", "controlnet_pp", "ctrl_u"], "steps": 3,
+                       "oracle": {"metric": 9.0, "fid": 0.5}, "variants": variants}
+    return {"size": {"seeds": [0, 1, 2], "variants": ["controlnet", "controlnet_pp", "ctrl_u"], "steps": 3,
                      "grad_scale_factor": 10.0}, "tasks": tasks}
 
 
-def test_table_bolds_the_best_variant_in_each_direction():
+def test_differences_over_two_standard_errors_are_marked_in_each_direction():
+    import numpy as np
+
     from toy import experiment
 
+    reference = [3.0, 3.2, 2.8]
+    far, near = [4.0, 4.1, 3.9], [3.3, 3.1, 3.5]
+    # Welch's standard error of the difference, worked out with numpy: far is > 2 SE away, near is not.
+    se = lambda a, b: np.sqrt(np.var(a, ddof=1) / 3 + np.var(b, ddof=1) / 3)  # noqa: E731
+    assert abs(np.mean(far) - np.mean(reference)) > 2 * se(far, reference)
+    assert abs(np.mean(near) - np.mean(reference)) < 2 * se(near, reference)
+    result = experiment.compare(far, reference, True)
+    assert result["standard_error"] == pytest.approx(se(far, reference))
+    assert result["difference"] == pytest.approx(np.mean(far) - np.mean(reference))
     table = experiment.table_markdown(_results({
-        "up": (True, {"controlnet": 3.0, "controlnet_pp": 5.0, "ctrl_u": 4.0}),  # higher is better: 5
-        "down": (False, {"controlnet": 3.0, "controlnet_pp": 5.0, "ctrl_u": 4.0}),  # lower is better: 3
+        "up": (True, {"controlnet": reference, "controlnet_pp": far, "ctrl_u": near}),  # higher is better: better
+        "down": (False, {"controlnet": reference, "controlnet_pp": far, "ctrl_u": near}),  # lower is better: worse
     }))
-    rows = {line.split("(")[0].strip("| "): line for line in table.split("## Image quality")[0].splitlines()
+    rows = {line.split("(")[0].strip("| "): line.strip("|").split("|") for line in table.splitlines()
             if line.startswith(("| up (", "| down ("))}
-    assert rows["up"].count("**") == 2 and "**5 ± 0.1**" in rows["up"]
-    assert rows["down"].count("**") == 2 and "**3 ± 0.1**" in rows["down"]
-    assert "| up (M ↑) | 1 |" in rows["up"] and "| down (M ↓) | 1 |" in rows["down"]
+    assert rows["up"][1].strip() == "9 (FID 0.5)" and rows["up"][2].strip() == "1 (FID 1)"
+    assert "▲" in rows["up"][4] and "▼" in rows["down"][4]  # ControlNet++: far from the reference
+    assert not any(mark in cell for row in rows.values() for cell in (row[3], row[5]) for mark in "▲▼")
+    assert "better than diffusion-only fine-tuning by more than 2 standard errors on 1 of 2 tasks (up)" in table
 
 
 def test_each_variant_trained_as_specified(small_experiment):
@@ -177,4 +206,4 @@ def test_the_full_toy_experiment(tmp_path):
 
     results = experiment.main(["--out", str(tmp_path / "out")])
     assert set(results["tasks"]) == set(experiment.TASKS) and results["size"]["seeds"] == [0, 1, 2]
-    assert (tmp_path / "out" / "table.md").read_text().count("±") == 6 * 2 * 3
+    assert (tmp_path / "out" / "table.md").read_text().count("±") == 6 * len(experiment.DEFAULT_VARIANTS)

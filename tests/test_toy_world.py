@@ -234,3 +234,27 @@ def test_metric_models_load_and_score(toy_world):
         out = model(**inputs)
     assert out.image_embeds.shape == out.text_embeds.shape == (2, 32)
     assert torch.isfinite(out.logits_per_image).all() and out.text_embeds[0].ne(out.text_embeds[1]).any()
+
+
+def test_the_f4_architecture_has_16_by_16_latents_and_a_matching_controlnet(tmp_path):
+    """The pretrained world's shape (toy/world.py ARCHITECTURES["f4"]): a 4x VAE, a 3-level UNet, and a
+    ControlNet whose condition encoder brings the 64 px condition to the 16 x 16 latent grid."""
+    import torch
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+    from PIL import Image
+
+    from toy.world import _write_sd15
+
+    _write_sd15(tmp_path, 0, "f4")
+    controlnet = ControlNetModel.from_pretrained(tmp_path / "toy-controlnet")
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "toy-sd15", controlnet=controlnet,
+                                                             safety_checker=None, requires_safety_checker=False)
+    assert pipe.vae_scale_factor == 4 and len(pipe.unet.config.block_out_channels) == 3
+    condition = torch.rand(1, 3, 64, 64)
+    assert controlnet.controlnet_cond_embedding(condition).shape == (1, 16, 16, 16)
+    latents = pipe.vae.encode(condition * 2 - 1).latent_dist.mean
+    assert latents.shape == (1, 4, 16, 16)
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle", image=Image.new("RGB", (64, 64)), height=64, width=64, num_inference_steps=2,
+                 output_type="np").images[0]
+    assert image.shape == (64, 64, 3)

@@ -59,8 +59,11 @@ if str(REPO_ROOT) not in sys.path:
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 VARIANTS = ("controlnet", "controlnet_pp", "ctrl_u", "cpo")
+DEFAULT_VARIANTS = ("controlnet", "controlnet_pp", "ctrl_u")  # the paper's comparison; CPO with --variants
 VARIANT_NAMES = {"start": "baseline (start)", "controlnet": "ControlNet", "controlnet_pp": "ControlNet++",
                  "ctrl_u": "Ctrl-U", "cpo": "CPO"}
+REFERENCE_VARIANT = "controlnet"  # every other variant is compared with diffusion-only fine-tuning
+ORACLE_NAME = "oracle"  # the real validation images, scored as generations are (the metric's ceiling)
 REWARD_VARIANTS = ("controlnet", "controlnet_pp", "ctrl_u")  # trained by train/reward_<task>.sh
 TOY_GRAD_SCALE_FACTOR = 10.0
 BASELINE_NAME = "start"
@@ -129,7 +132,8 @@ class Size:
     pretrain_budget: str
     metric_points: int = 3  # seed 0 is also evaluated at steps/points, 2*steps/points, ...
     grad_scale_factor: float = TOY_GRAD_SCALE_FACTOR
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = DEFAULT_VARIANTS
+    architecture: str = "f4"  # the toy world's (toy/world.py ARCHITECTURES)
     train_flags: tuple[str, ...] = ()  # appended to every fine-tuning run (investigations)
 
 
@@ -143,7 +147,7 @@ SIZES = {
                  eval_inference_steps=10, pretrain_budget="full", metric_points=3),
     # The fast test: every stage and file, on the 24-row test world, in about two minutes.
     "small": Size(seeds=(0, 1), steps=3, baseline_steps=4, eval_rows=4, eval_groups=1, eval_inference_steps=2,
-                  pretrain_budget="small"),
+                  pretrain_budget="small", architecture="f8", variants=VARIANTS),
 }
 # What a finished output folder was made with must match a run that reuses it (experiment.json).
 REUSED_SETTINGS = ("steps", "eval_rows", "eval_groups", "eval_inference_steps", "grad_scale_factor", "train_flags",
@@ -222,15 +226,26 @@ def _python() -> str:
 
 
 def ensure_worlds(args, size: Size) -> Path:
-    """The pretrained toy world (made, with the random world it starts from, when missing)."""
+    """The pretrained toy world: kept if present; else the shipped one (toy/weights, seconds) when it
+    was made with this size's budget and architecture, unless --pretrain; else pretrained here from
+    a random world (about an hour for the full budget)."""
+    from toy import committed
     from toy.pretrain import pretrain_toy_world
     from toy.world import MANIFEST_NAME, make_toy_world
 
     pretrained = Path(args.pretrained)
     if (pretrained / MANIFEST_NAME).is_file():
         return pretrained
-    print(f"== toy world -> {args.toy}, then pretraining ({size.pretrain_budget}) -> {pretrained}", flush=True)
-    make_toy_world(args.toy)
+    shipped = committed.BUNDLE / MANIFEST_NAME
+    if not args.pretrain and shipped.is_file():
+        manifest = json.loads(shipped.read_text())
+        if (manifest["pretrained"]["budget"], manifest.get("architecture", "f8")) == (size.pretrain_budget, size.architecture):
+            print(f"== the shipped pretrained toy world (toy/weights) -> {pretrained}", flush=True)
+            committed.restore(pretrained)
+            return pretrained
+    print(f"== toy world ({size.architecture}) -> {args.toy}, then pretraining ({size.pretrain_budget}) -> {pretrained}",
+          flush=True)
+    make_toy_world(args.toy, architecture=size.architecture)
     pretrain_toy_world(args.toy, pretrained, budget=size.pretrain_budget)
     return pretrained
 
@@ -360,7 +375,7 @@ def finetune_jobs(world: Path, out: Path, tasks: list[str], size: Size) -> list[
 
 def models_to_evaluate(world: Path, out: Path, task: str, size: Size) -> dict[str, Path]:
     """name -> ControlNet folder: the baseline, every run, seed 0's intermediate checkpoints."""
-    models = {BASELINE_NAME: baseline_dir(world, task)}
+    models = {ORACLE_NAME: None, BASELINE_NAME: baseline_dir(world, task)}
     for variant in size.variants:
         for seed in size.seeds:
             models[f"{variant}/seed{seed}"] = run_dir(out, task, variant, seed)
@@ -387,7 +402,8 @@ def evaluate_task(world: Path, out: Path, task: str, size: Size) -> None:
             continue
         annotator = "canny" if spec.reward_model == "canny" else str(world / spec.reward_model)
         flags = ["--task_name", spec.eval_task, "--dataset_name", str(world / "datasets" / spec.eval_dataset),
-                 "--dataset_split", spec.eval_split, "--model_path", str(model), "--sd_path", str(world / "toy-sd15"),
+                 "--dataset_split", spec.eval_split, "--sd_path", str(world / "toy-sd15"),
+                 *(("--model", "oracle") if model is None else ("--model_path", str(model))),
                  "--output_dir", str(root), "--resolution", str(spec.eval_resolution), "--batch_size", "64",
                  "--num_inference_steps", str(size.eval_inference_steps), "--num_groups", str(size.eval_groups),
                  "--reward_model_name_or_path", annotator, *spec.eval_flags]
@@ -451,14 +467,28 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def compare(values: list[float], reference: list[float], higher_is_better: bool) -> dict:
+    """A variant's seeds against the reference variant's: difference of means, its standard error
+    (Welch: sqrt(s1^2/n1 + s2^2/n2)) and whether it is larger than 2 standard errors, and which way."""
+    difference = statistics.fmean(values) - statistics.fmean(reference)
+    variance = sum(statistics.variance(v) / len(v) for v in (values, reference) if len(v) > 1)
+    error = variance ** 0.5
+    significant = len(values) > 1 and len(reference) > 1 and abs(difference) > 2 * error
+    better = difference > 0 if higher_is_better else difference < 0
+    return {"difference": difference, "standard_error": error, "significant": significant,
+            "direction": ("better" if better else "worse") if significant else "same"}
+
+
 def collect(world: Path, out: Path, tasks: list[str], size: Size) -> dict:
     results = {"size": size.__dict__ | {"seeds": list(size.seeds), "variants": list(size.variants)},
-               "settings": list(TOY_SETTINGS), "tasks": {}}
+               "settings": list(TOY_SETTINGS), "reference_variant": REFERENCE_VARIANT, "tasks": {}}
     for task in tasks:
         spec = TASKS[task]
         metric, fid = _metric(out, task, BASELINE_NAME)
+        oracle_metric, oracle_fid = _metric(out, task, ORACLE_NAME)
         entry = {"metric": f"{spec.metric[1]}", "label": spec.metric_label, "higher_is_better": spec.higher_is_better,
                  "grad_scale": paper_grad_scale(spec.launcher) * size.grad_scale_factor,
+                 "oracle": {"metric": oracle_metric, "fid": oracle_fid},
                  "start": {"metric": metric, "fid": fid}, "variants": {}}
         for variant in size.variants:
             per_seed = {seed: _metric(out, task, f"{variant}/seed{seed}") for seed in size.seeds}
@@ -478,31 +508,50 @@ def collect(world: Path, out: Path, tasks: list[str], size: Size) -> dict:
                     [step, _metric(out, task, f"{variant}/seed{size.seeds[0]}/step{step}")[0]]
                     for step in checkpoint_steps(size)] + [[size.steps, per_seed[size.seeds[0]][0]]],
             }
+        if REFERENCE_VARIANT in size.variants:
+            reference = entry["variants"][REFERENCE_VARIANT]["metric"]["per_seed"]
+            for variant in size.variants:
+                if variant != REFERENCE_VARIANT:
+                    entry["variants"][variant]["vs_reference"] = compare(
+                        entry["variants"][variant]["metric"]["per_seed"], reference, spec.higher_is_better)
         results["tasks"][task] = entry
     return results
 
 
+MARKS = {"better": " ▲", "worse": " ▼", "same": ""}
+
+
 def table_markdown(results: dict) -> str:
+    """One row per task: oracle, baseline, each variant as metric mean ± std (FID beside it); ▲ / ▼:
+    better / worse than diffusion-only fine-tuning by more than 2 standard errors."""
     size = results["size"]
     seeds, variants = len(size["seeds"]), size["variants"]
-    header = ("| task (metric) | baseline (start) | " + " | ".join(VARIANT_NAMES[v] for v in variants) + " |\n"
-              + "|---" * (2 + len(variants)) + "|\n")
-    lines, fid_lines = [], []
+    header = ("| task (metric) | oracle (real images) | baseline (start) | "
+              + " | ".join(VARIANT_NAMES[v] for v in variants) + " |\n" + "|---" * (3 + len(variants)) + "|\n")
+    lines, following = [], []
     for task, entry in results["tasks"].items():
         arrow = "↑" if entry["higher_is_better"] else "↓"
-        values = {v: entry["variants"][v]["metric"] for v in variants}
-        best = (max if entry["higher_is_better"] else min)(variants, key=lambda v: values[v]["mean"])
-        cells = [f"{'**' if v == best else ''}{values[v]['mean']:.4g} ± {values[v]['std']:.2g}"
-                 f"{'**' if v == best else ''}" for v in variants]
-        lines.append(f"| {task} ({entry['label']} {arrow}) | {entry['start']['metric']:.4g} | " + " | ".join(cells) + " |")
-        fids = {v: entry["variants"][v]["fid"] for v in variants}
-        fid_lines.append(f"| {task} (FID ↓) | {entry['start']['fid']:.4g} | "
-                         + " | ".join(f"{fids[v]['mean']:.4g} ± {fids[v]['std']:.2g}" for v in variants) + " |")
-    note = (f"Mean ± standard deviation over {seeds} seeds ({', '.join(map(str, size['seeds']))}); every variant "
-            f"fine-tunes the task's baseline for {size['steps']} steps with the same data and seed; reward weight "
-            f"{size['grad_scale_factor']:g} x the paper's grad_scale; bold: best controllability. FID uses the toy world's feature extractor (only comparable within a row).")
-    return ("## Controllability\n\n" + header + "\n".join(lines) + "\n\n## Image quality\n\n" + header
-            + "\n".join(fid_lines) + "\n\n" + note + "\n")
+        cells = []
+        for v in variants:
+            result = entry["variants"][v]
+            mark = MARKS[result["vs_reference"]["direction"]] if "vs_reference" in result else ""
+            cells.append(f"{result['metric']['mean']:.4g} ± {result['metric']['std']:.2g}{mark} "
+                         f"(FID {result['fid']['mean']:.3g})")
+        lines.append(f"| {task} ({entry['label']} {arrow}) | {entry['oracle']['metric']:.4g} (FID {entry['oracle']['fid']:.3g}) "
+                     f"| {entry['start']['metric']:.4g} (FID {entry['start']['fid']:.3g}) | " + " | ".join(cells) + " |")
+        pp = entry["variants"].get("controlnet_pp", {}).get("vs_reference")
+        if pp is not None and pp["direction"] == "better":
+            following.append(task)
+    note = (f"Metric mean ± standard deviation over {seeds} seeds ({', '.join(map(str, size['seeds']))}), FID (mean) "
+            f"beside it; every variant fine-tunes the task's baseline for {size['steps']} steps with the same data and "
+            f"seed; reward weight {size['grad_scale_factor']:g} x the paper's grad_scale. ▲ / ▼: better / worse than "
+            f"ControlNet (diffusion-only fine-tuning) by more than 2 standard errors of the difference. Oracle: the real "
+            f"validation images scored the same way (the metric's ceiling). FID uses the toy world's feature extractor "
+            f"(only comparable within a row).")
+    if REFERENCE_VARIANT in variants and "controlnet_pp" in variants:
+        note += (f" ControlNet++ is better than diffusion-only fine-tuning by more than 2 standard errors on "
+                 f"{len(following)} of {len(results['tasks'])} tasks" + (f" ({', '.join(following)})." if following else "."))
+    return "## Controllability (and FID)\n\n" + header + "\n".join(lines) + "\n\n" + note + "\n"
 
 
 def plot(results: dict, out: Path) -> list[Path]:
@@ -616,7 +665,10 @@ def parse_args(argv=None):
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the size's (full: 0 1 2)")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None, help="default: all four")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                        help="default: ControlNet, ControlNet++, Ctrl-U (add cpo for CPO's row)")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="pretrain the toy world here (about an hour) instead of restoring the shipped one")
     parser.add_argument("--grad_scale_factor", type=float, default=None,
                         help=f"reward weight = this x the launcher's grad_scale (default {TOY_GRAD_SCALE_FACTOR:g})")
     parser.add_argument("--train_flags", nargs=argparse.REMAINDER, default=None,

@@ -12,10 +12,10 @@ same layout (every path that works under ``work_dirs/toy`` works under the pretr
     toy-sd15/vae         AutoencoderKL: L1 reconstruction + small KL; scaling_factor recomputed
                          as 1 / std of the latents, as Stable Diffusion did; 2 GroupNorm groups
                          instead of 8 (VAE_NORM_GROUPS says why), same weights' shapes
-    toy-sd15/unet        text-to-image, epsilon prediction, SD1.5's DDPM schedule, 64 px; the
-                         toy text encoder stays frozen (its random token features differ per
-                         word; backgrounds follow the caption, shapes only softly: see
-                         docs/TOY_PRETRAIN.md)
+    toy-sd15/unet        text-to-image, epsilon prediction, SD1.5's DDPM schedule, 64 px
+    toy-sd15/text_encoder  trained with the UNet (SD1.5 kept CLIP's frozen; the toy's random
+                         encoder gave every caption nearly the same features, so shapes and
+                         colours followed the caption only softly: docs/TOY_PRETRAIN.md)
     reward_models/       HED (soft shape boundaries), line drawing (thin outlines, 1 = paper),
                          DPT depth (control_depth), mmseg ADE20K and COCO-Stuff segmenters
     toy-controlnet/      ControlNetModel.from_unet(pretrained UNet), initialised as toy/world.py
@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from utils.data import ControlNetRows, collate_rows, load_dataset_any
 from toy.world import DATASETS, MANIFEST_NAME
 
-RESOLUTION = 64  # the toy world's training resolution: SD1.5's 8x latent grid at 8 x 8
+RESOLUTION = 64  # the toy world's training resolution (8 x 8 latents with the f8 VAE, 16 x 16 with f4)
 
 
 @dataclass(frozen=True)
@@ -265,17 +265,16 @@ def train_vae(vae, images: torch.Tensor, stage: Stage, seed: int) -> dict:
 
 def train_unet(unet, vae, text_encoder, scheduler, images: torch.Tensor, input_ids: torch.Tensor,
                empty_ids: torch.Tensor, stage: Stage, seed: int) -> dict:
-    """Epsilon prediction on the frozen VAE's latents and the frozen text encoder's features."""
+    """Epsilon prediction on the frozen VAE's latents; the text encoder trains with the UNet."""
     with torch.no_grad():
-        # Frozen parts run once: the latent distribution of every image, every caption's features.
+        # The frozen VAE runs once: the latent distribution of every image.
         moments = [vae.encode(images[i : i + 64]).latent_dist for i in range(0, len(images), 64)]
         latent_mean = torch.cat([m.mean for m in moments])
         latent_std = torch.cat([m.std for m in moments])
-        text = torch.cat([text_encoder(input_ids[i : i + 64])[0] for i in range(0, len(input_ids), 64)])
-        empty_text = text_encoder(empty_ids)[0]
     scaling_factor = vae.config.scaling_factor
     alphas_cumprod = scheduler.alphas_cumprod
-    unet.train()
+    models = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    models.train()
 
     def loss_of_batch(rows, generator):
         latents = (latent_mean[rows] + latent_std[rows] * torch.randn(latent_mean[rows].shape, generator=generator)) * scaling_factor
@@ -284,22 +283,22 @@ def train_unet(unet, vae, text_encoder, scheduler, images: torch.Tensor, input_i
         abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise  # DDPMScheduler.add_noise
         drop = torch.rand(len(rows), generator=generator) < UNET_CAPTION_DROPOUT
-        condition = torch.where(drop.view(-1, 1, 1), empty_text, text[rows])
-        prediction = unet(noisy, timesteps, condition).sample
+        ids = torch.where(drop.view(-1, 1), empty_ids, input_ids[rows])
+        prediction = unet(noisy, timesteps, text_encoder(ids)[0]).sample
         return F.mse_loss(prediction, noise)
 
-    record = fit("unet", unet, loss_of_batch, len(images), stage, seed, log_every=100)
-    unet.eval()
+    record = fit("unet", models, loss_of_batch, len(images), stage, seed, log_every=100)
+    models.eval()
     return record
 
 
-def toy_controlnet_from_unet(unet, seed: int):
+def toy_controlnet_from_unet(unet, vae, seed: int):
     """The toy ControlNet of the pretrained UNet, initialised as toy/world.py does (seeded here)."""
     from toy.world import toy_controlnet_from_unet as controlnet_like_a_release
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(component_seed(seed, "controlnet"))
-        return controlnet_like_a_release(unet)
+        return controlnet_like_a_release(unet, vae)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,23 +451,25 @@ def pretrain_toy_world(toy: str | os.PathLike, out: str | os.PathLike, seed: int
             vae.save_pretrained(sd15 / "vae")
         with deterministic(seed, "unet", threads):
             unet = load_diffusers_model(UNet2DConditionModel, sd15 / "unet")
-            text_encoder = CLIPTextModel.from_pretrained(sd15 / "text_encoder").eval()
+            text_encoder = CLIPTextModel.from_pretrained(sd15 / "text_encoder")
             scheduler = DDPMScheduler.from_pretrained(sd15 / "scheduler")
             empty_ids = tokenizer("", max_length=tokenizer.model_max_length, padding="max_length",
                                   truncation=True, return_tensors="pt").input_ids
             records["unet"] = train_unet(unet, vae, text_encoder, scheduler, images, input_ids, empty_ids,
                                          stages["unet"], seed)
             unet.save_pretrained(sd15 / "unet")
-        toy_controlnet_from_unet(unet, seed).save_pretrained(tmp / paths["controlnet"])
+            text_encoder.save_pretrained(sd15 / "text_encoder")
+        toy_controlnet_from_unet(unet, vae, seed).save_pretrained(tmp / paths["controlnet"])
         records.update(pretrain_reward_models(toy, tmp, paths["reward_models"], tokenizer, stages, seed, threads))
 
         # Wall times vary from run to run: printed, kept out of the manifest (same seed, same bytes).
         seconds = {name: record.pop("seconds") for name, record in records.items()}
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {key: source_manifest[key] for key in ("generator_version", "seed", "rows", "paths")}
+        manifest = {key: source_manifest[key] for key in ("generator_version", "seed", "rows", "paths", "architecture")
+                    if key in source_manifest}
         manifest["files"] = files
         manifest["pretrained"] = {"budget": budget, "seed": seed, "threads": threads, "resolution": RESOLUTION,
-                                  "text_encoder": "frozen (toy random CLIP text encoder)", "models": records}
+                                  "text_encoder": "trained with the UNet", "models": records}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"

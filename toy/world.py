@@ -66,6 +66,32 @@ SD15_SCHEDULER_CONFIG = {
 }
 
 TEXT_HIDDEN_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The toy Stable Diffusion's shape: VAE stages (and the ControlNet's condition encoder), UNet levels."""
+
+    vae_factor: int  # 64 px images -> a (64 / vae_factor)^2 latent grid
+    vae_channels: tuple[int, ...]
+    unet_channels: tuple[int, ...]
+    unet_down_blocks: tuple[str, ...]
+    unet_up_blocks: tuple[str, ...]
+
+
+ARCHITECTURES = {
+    # The tests' world: SD1.5's 8x VAE (8 x 8 latents at 64 px) and a 2-level UNet with SD1.5's
+    # block structure (cross-attention at full latent resolution, plain ResNet blocks below).
+    # Fast, but 8 x 8 latents cannot carry thin edges (docs/TOY_PRETRAIN.md: reconstructions cap
+    # canny F1 at ~41).
+    "f8": Architecture(8, (8, 16, 16, 32), (16, 32), ("CrossAttnDownBlock2D", "DownBlock2D"),
+                       ("UpBlock2D", "CrossAttnUpBlock2D")),
+    # The pretrained world's: a 4x VAE (16 x 16 latents, reconstruction ceiling ~62) and a
+    # 3-level UNet, cross-attention at the two finer levels; ~3x the f8's cost per step.
+    "f4": Architecture(4, (8, 16, 32), (16, 32, 64), ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                       ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+}
+DEFAULT_ARCHITECTURE = "f8"
 VAE_SCALING_FACTOR = 0.18215  # SD1.5's latent scaling
 
 # ---------------------------------------------------------------------------------------------
@@ -418,7 +444,7 @@ def _text_config():
     )
 
 
-def _write_sd15(root: Path, seed: int) -> None:
+def _write_sd15(root: Path, seed: int, architecture: str = DEFAULT_ARCHITECTURE) -> None:
     """toy-sd15/ in the layout of runwayml/stable-diffusion-v1-5, and toy-controlnet/."""
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
@@ -427,21 +453,21 @@ def _write_sd15(root: Path, seed: int) -> None:
     from utils.tokenizer import write_clip_tokenizer
 
     sd = root / "toy-sd15"
+    design = ARCHITECTURES[architecture]
     with _seeded(seed, "unet"):
-        # SD1.5's block structure at toy width: cross-attention at full latent resolution,
-        # plain ResNet blocks below, cross-attention in the middle.
         unet = UNet2DConditionModel(
-            sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_HIDDEN_SIZE,
+            sample_size=64 // design.vae_factor, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=design.unet_channels, down_block_types=design.unet_down_blocks,
+            up_block_types=design.unet_up_blocks, cross_attention_dim=TEXT_HIDDEN_SIZE,
             attention_head_dim=4, norm_num_groups=8,
         )
     with _seeded(seed, "vae"):
-        # Four blocks = three 2x downsamplings: SD's 8x latent grid, 4 latent channels.
+        # len(vae_channels) blocks = len - 1 2x downsamplings; 4 latent channels, as SD's.
+        blocks = len(design.vae_channels)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-            block_out_channels=(8, 16, 16, 32), norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=design.vae_channels, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * blocks, up_block_types=("UpDecoderBlock2D",) * blocks,
             scaling_factor=VAE_SCALING_FACTOR,
         )
     with _seeded(seed, "text_encoder"):
@@ -465,16 +491,16 @@ def _write_sd15(root: Path, seed: int) -> None:
     })
 
     with _seeded(seed, "controlnet"):
-        controlnet = toy_controlnet_from_unet(unet)
+        controlnet = toy_controlnet_from_unet(unet, vae)
     controlnet.save_pretrained(root / "toy-controlnet")
 
 
-def toy_controlnet_from_unet(unet):
+def toy_controlnet_from_unet(unet, vae):
     """ControlNetModel.from_unet, initialised like a released (trained) ControlNet.
 
-    Draws from torch's global RNG: callers seed it. Four embedding stages = three stride-2
-    convolutions: the condition image (full resolution) reaches the 8x latent grid, as in
-    SD1.5's ControlNet. A released ControlNet has been trained: its zero convolutions are no
+    Draws from torch's global RNG: callers seed it. The condition encoder has the VAE's stages
+    (SD1.5's ControlNet: four stages, three stride-2 convolutions for its 8x VAE), so the
+    condition image (full resolution) reaches the latent grid. A released ControlNet has been trained: its zero convolutions are no
     longer zero and its condition encoder produces features on the scale of the latent
     features. A freshly initialised toy would ignore its condition and, at the first step,
     give gradient to the zero convolutions only. So: He initialisation for the condition
@@ -484,7 +510,7 @@ def toy_controlnet_from_unet(unet):
     import torch
     from diffusers import ControlNetModel
 
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(vae.config.block_out_channels))
     for conv in controlnet.controlnet_cond_embedding.modules():
         if isinstance(conv, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
@@ -607,13 +633,15 @@ def _rows_per_split(rows: int | None) -> dict[str, int]:
     return {"train": rows, "validation": rows}
 
 
-def _is_complete(root: Path, seed: int, rows: dict[str, int]) -> dict | None:
-    """The manifest of ``root`` if it holds a complete world for this seed, rows and version."""
+def _is_complete(root: Path, seed: int, rows: dict[str, int], architecture: str = DEFAULT_ARCHITECTURE) -> dict | None:
+    """The manifest of ``root`` if it holds a complete world for this seed, rows, architecture and version."""
     try:
         manifest = json.loads((root / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return None
     if (manifest.get("generator_version"), manifest.get("seed"), manifest.get("rows")) != (GENERATOR_VERSION, seed, rows):
+        return None
+    if manifest.get("architecture", DEFAULT_ARCHITECTURE) != architecture:
         return None
     for rel, size in manifest.get("files", {}).items():
         path = root / rel
@@ -636,11 +664,13 @@ def _absolute(manifest: dict, root: Path) -> dict:
     return resolved
 
 
-def make_toy_world(out: str | os.PathLike, seed: int = 0, rows: int | None = None) -> dict:
+def make_toy_world(out: str | os.PathLike, seed: int = 0, rows: int | None = None,
+                   architecture: str = DEFAULT_ARCHITECTURE) -> dict:
     """Write the toy world to ``out`` (see the module docstring) and return its manifest.
 
-    ``rows``: rows per split (default 200 train / 64 validation). If ``out`` already holds a
-    complete world for the same seed, rows and generator version, it is returned untouched.
+    ``rows``: rows per split (default 200 train / 64 validation); ``architecture``: a key of
+    ARCHITECTURES. If ``out`` already holds a complete world for the same seed, rows,
+    architecture and generator version, it is returned untouched.
     The world is built in a temporary sibling folder and renamed at the end, so an interrupted
     run never leaves a partial folder that looks complete. The returned manifest's ``paths``
     are absolute; the file on disk keeps them relative to the world's root.
@@ -649,7 +679,9 @@ def make_toy_world(out: str | os.PathLike, seed: int = 0, rows: int | None = Non
     split_rows = _rows_per_split(rows)
     if seed < 0:
         raise ValueError(f"--seed must be >= 0, got {seed}.")
-    manifest = _is_complete(out, seed, split_rows)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"--architecture must be one of {sorted(ARCHITECTURES)}, got {architecture!r}.")
+    manifest = _is_complete(out, seed, split_rows, architecture)
     if manifest is not None:
         return _absolute(manifest, out)
     if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
@@ -661,7 +693,7 @@ def make_toy_world(out: str | os.PathLike, seed: int = 0, rows: int | None = Non
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
     try:
-        _write_sd15(tmp, seed)
+        _write_sd15(tmp, seed, architecture)
         _write_clip(tmp, seed)
         _write_inception(tmp, seed)
         _write_datasets(tmp, seed, split_rows)
@@ -677,8 +709,10 @@ def make_toy_world(out: str | os.PathLike, seed: int = 0, rows: int | None = Non
         files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {"generator_version": GENERATOR_VERSION, "seed": seed, "rows": split_rows,
                     "paths": paths, "files": files}
+        if architecture != DEFAULT_ARCHITECTURE:  # the f8 world's manifest keeps its earlier bytes
+            manifest["architecture"] = architecture
         _write_json(tmp / MANIFEST_NAME, manifest)
-        if _is_complete(out, seed, split_rows) is not None:
+        if _is_complete(out, seed, split_rows, architecture) is not None:
             # A concurrent run renamed the same world into place meanwhile: keep that one.
             return _absolute(manifest, out)
         if out.exists():
@@ -690,7 +724,7 @@ def make_toy_world(out: str | os.PathLike, seed: int = 0, rows: int | None = Non
             os.replace(tmp, out)
         except OSError:
             # A concurrent run renamed its complete world into place between the two steps.
-            if _is_complete(out, seed, split_rows) is None:
+            if _is_complete(out, seed, split_rows, architecture) is None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -753,9 +787,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rows", type=int, default=None,
                         help=f"rows per dataset split (default {DEFAULT_TRAIN_ROWS} train / "
                              f"{DEFAULT_VALIDATION_ROWS} validation)")
+    parser.add_argument("--architecture", choices=sorted(ARCHITECTURES), default=DEFAULT_ARCHITECTURE,
+                        help="f8: SD1.5's 8x VAE, 8 x 8 latents (fast; the tests' world); f4: a 4x VAE and a "
+                             "3-level UNet, 16 x 16 latents (the pretrained world's)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    manifest = make_toy_world(Path(args.out), seed=args.seed, rows=args.rows)
+    manifest = make_toy_world(Path(args.out), seed=args.seed, rows=args.rows, architecture=args.architecture)
     print(f"toy world (seed {manifest['seed']}, rows {manifest['rows']}) at {manifest['root']}: "
           f"{len(manifest['files'])} files, {time.perf_counter() - start:.1f} s")
     return manifest
