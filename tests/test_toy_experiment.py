@@ -186,7 +186,7 @@ def test_an_output_folder_made_with_other_settings_is_refused(tmp_path):
     out, world = tmp_path / "out", tmp_path / "world"
     check_reused_settings(out, SIZES["full"], world)
     check_reused_settings(out, SIZES["full"], world)  # same settings: reused
-    with pytest.raises(SystemExit, match=r"other settings \(steps 40 -> 150, eval_groups 1 -> 2, metric_points 2 -> 3\)"):
+    with pytest.raises(SystemExit, match=r"other settings \(steps 150 -> 450, eval_groups 1 -> 2, metric_points 2 -> 3\)"):
         check_reused_settings(out, SIZES["long"], world)
     with pytest.raises(SystemExit, match=r"pretrained .*world -> .*other-world"):  # other baselines
         check_reused_settings(out, SIZES["full"], tmp_path / "other-world")

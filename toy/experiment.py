@@ -1,6 +1,8 @@
-"""The paper's table at toy scale: ControlNet vs ControlNet++ vs Ctrl-U vs CPO, six tasks, several seeds.
+"""The paper's table at toy scale: ControlNet vs ControlNet++ vs Ctrl-U (and CPO), six tasks, three seeds.
 
     python -m toy.experiment                            # the whole experiment (see README)
+    python -m toy.experiment --variants controlnet controlnet_pp ctrl_u cpo   # with CPO's row
+    python -m toy.experiment --pretrain                 # pretrain the world here instead (~1 hour)
     python -m toy.experiment --size long --out work_dirs/toy-experiment-long   # 3x longer runs
     python -m toy.experiment --size small --toy T --pretrained P --out O   # the fast test's size
 
@@ -8,17 +10,21 @@ What it does, resuming whatever a previous run already finished (every stage ski
 are complete, so an interrupted run continues where it stopped; ``<out>/experiment.json`` records
 the settings, and a folder made with other settings is refused rather than silently reused):
 
-1. The toy world (``python -m toy.world``) and its pretrained copy (``python -m toy.pretrain``):
-   VAE, text-to-image UNet and the learned reward models trained on the toy data.
+1. The pretrained toy world: the one shipped in ``toy/weights`` (``python -m toy.committed``,
+   seconds), or with ``--pretrain`` an f4 toy world (``python -m toy.world --architecture f4``)
+   pretrained here (``python -m toy.pretrain``): VAE, text-to-image UNet with its text encoder,
+   and the learned reward models, trained on the toy data.
 2. Baselines, our "ControlNet v1.1": one toy ControlNet per task trained from the UNet with the
-   plain diffusion loss by ``train/train_controlnet.py``, into ``<pretrained>/controlnets/<task>``.
+   plain diffusion loss by ``train/train_controlnet.py``, into ``<pretrained>/controlnets/<task>``
+   (the shipped world has them: nothing to train).
 3. From each baseline and for each seed, the same number of steps with the same data and seed:
    - ControlNet:   diffusion loss only (``--grad_scale 0``: the reward is still computed, without
                    gradient, so that its curve can be compared),
    - ControlNet++: diffusion + reward loss,
    - Ctrl-U:       diffusion + uncertainty-weighted reward (``--uncertainty_weighting``, window
                    t <= 400, reward weight ramped up over the first fifth of the steps),
-   the three through the task's launcher ``train/reward_<task>.sh`` with toy paths, and
+   the three through the task's launcher ``train/reward_<task>.sh`` with toy paths, and, with
+   ``--variants ... cpo``,
    - CPO:          CPO's preference loss (``train/cpo_<task>.sh``, its own grad_scale, beta and
                    margin), on preference data built from the baseline by
                    ``train/build_cpo_data.py`` (losers: conditions extracted from the baseline's
@@ -27,12 +33,14 @@ the settings, and a folder made with other settings is refused rather than silen
    Python start per stage; a task's evaluation starts as soon as its runs are done, while the next
    task trains) on the toy validation split: the task's controllability metric and FID
    with the toy world's Inception-shaped feature extractor; for seed 0 also at the intermediate
-   checkpoints.
-5. ``<out>/table.md`` and ``<out>/results.json`` (mean and spread over seeds), plots of the reward
-   loss over training steps and of the metric over steps, and a grid of samples.
+   checkpoints. The **oracle**, the real validation images scored the same way
+   (``eval/eval.py --model oracle``), is the metric's ceiling.
+5. ``<out>/table.md`` and ``<out>/results.json`` (mean and spread over seeds; each variant's
+   difference from diffusion-only fine-tuning marked when larger than 2 standard errors), plots
+   of the reward loss over training steps and of the metric over steps, and a grid of samples.
 
 Toy-scale settings that differ from the paper's, and why (all in TOY_SETTINGS / SIZES below):
-64 px, batch 16, lr 1e-3 without warm-up (tiny models trained for 40 steps, or 150 with --size
+64 px, batch 16, lr 1e-3 without warm-up (tiny models trained for 150 steps, or 450 with --size
 long, instead of SD1.5 at 1e-5 for 10k steps); the paper's grad_scale of each task times TOY_GRAD_SCALE_FACTOR (the toy
 reward losses are small next to the toy diffusion loss: with the paper's weight alone canny F1
 moved by +0.1, with 10x by +1.1 in a pilot run); no gradient checkpointing (tiny models). HED and
@@ -138,12 +146,12 @@ class Size:
 
 
 SIZES = {
-    # The default: the paper's table at toy scale, 40 steps per run, 64 validation rows x 1 image
-    # (four variants with the baselines: 46 minutes measured on 2 busy cores, docs/TOY_EXPERIMENT.md).
-    "full": Size(seeds=(0, 1, 2), steps=40, baseline_steps=500, eval_rows=None, eval_groups=1,
+    # The default: the paper's table at toy scale on the shipped f4 world, 150 steps per run, 64
+    # validation rows x 1 image, three variants x three seeds (docs/TOY_EXPERIMENT.md has the time).
+    "full": Size(seeds=(0, 1, 2), steps=150, baseline_steps=2000, eval_rows=None, eval_groups=1,
                  eval_inference_steps=10, pretrain_budget="full", metric_points=2),
-    # Three times longer runs, two images per validation row (FID over 128): about 35 minutes.
-    "long": Size(seeds=(0, 1, 2), steps=150, baseline_steps=500, eval_rows=None, eval_groups=2,
+    # Longer runs, two images per validation row (FID over 128).
+    "long": Size(seeds=(0, 1, 2), steps=450, baseline_steps=2000, eval_rows=None, eval_groups=2,
                  eval_inference_steps=10, pretrain_budget="full", metric_points=3),
     # The fast test: every stage and file, on the 24-row test world, in about two minutes.
     "small": Size(seeds=(0, 1), steps=3, baseline_steps=4, eval_rows=4, eval_groups=1, eval_inference_steps=2,
