@@ -159,6 +159,17 @@ def keep_ratio_size(height: int, width: int, scale: tuple[int, int]) -> tuple[in
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
+def require_mmcv_ops() -> None:
+    """mmseg's models need mmcv's compiled ops, which `scripts/setup.sh --without-segmentation` skips."""
+    try:
+        import mmcv.ops  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "segmentation (ADE20K / COCO-Stuff rewards and evaluation) needs mmcv 2.1.0 with its compiled ops, "
+            f"which this environment lacks ({error}). Run `bash scripts/setup.sh` once: it builds mmcv "
+            "(about 15 minutes on 2 cores) and caches the wheel.") from error
+
+
 class SegmentationRewardModel(RewardModel):
     """Logits (B, C, h, w) on the decode head's grid; reward CE over valid pixels per sample."""
 
@@ -192,6 +203,7 @@ class SegmentationRewardModel(RewardModel):
     def from_pretrained(
         cls, name_or_path: str, checkpoint: str | None = None, label_format: str | None = None
     ) -> "SegmentationRewardModel":
+        require_mmcv_ops()
         from mmengine.config import Config
         from mmengine.model import revert_sync_batchnorm
         from mmseg.registry import MODELS

@@ -414,3 +414,14 @@ def test_a_plain_state_dict_file_with_extra_objects_is_refused_without_fallback(
     with pytest.raises(RuntimeError, match=re.escape(f"The HED checkpoint at {path} holds objects other than tensors, "
                                                      "which torch.load(weights_only=True) refused")):
         load_state_dict_file(path, "HED checkpoint")
+
+
+def test_segmentation_without_mmcv_ops_says_how_to_build_it(toy_world, monkeypatch):
+    """A machine set up with --without-segmentation: loading a segmenter names the command that builds mmcv."""
+    import sys
+
+    from reward_models.segmentation import SegmentationRewardModel
+
+    monkeypatch.setitem(sys.modules, "mmcv.ops", None)  # `import mmcv.ops` raises ImportError
+    with pytest.raises(ImportError, match=r"bash scripts/setup.sh.*builds mmcv"):
+        SegmentationRewardModel.from_pretrained(str(toy_world / "reward_models" / "ade20k_seg"))

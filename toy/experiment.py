@@ -671,7 +671,8 @@ def parse_args(argv=None):
                         help="the pretrained toy world (made from --toy when missing); baselines go in its controlnets/")
     parser.add_argument("--out", default="work_dirs/toy-experiment", help="runs, evaluations, table and plots")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS),
+                        help="tasks, in the order they are trained (the table keeps the paper's order)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="default: the size's (full: 0 1 2)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
                         help="default: ControlNet, ControlNet++, Ctrl-U (add cpo for CPO's row)")
@@ -716,12 +717,13 @@ def main(argv=None) -> dict | None:
           f"train/reward_<task>.sh or train/cpo_<task>.sh), each task evaluated with eval/ once its runs are done; {args.jobs} at a time")
     run_jobs(jobs, args.jobs)
     stage("table and plots")
-    results = collect(world, out, args.tasks, size)
+    in_table_order = [task for task in TASKS if task in args.tasks]  # the paper's order, whatever ran first
+    results = collect(world, out, in_table_order, size)
     results["seconds"] = round(time.perf_counter() - start)
     table = table_markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(table)
-    written = [*plot(results, out), sample_grid(out, args.tasks, size.seeds[0], size.variants)]
+    written = [*plot(results, out), sample_grid(out, in_table_order, size.seeds[0], size.variants)]
     print(table)
     print(f"written: {out / 'table.md'}, {out / 'results.json'}, " + ", ".join(map(str, written)))
     stage("done")
