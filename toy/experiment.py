@@ -91,7 +91,7 @@ class ToyTask:
     eval_split: str
     eval_flags: tuple[str, ...]
     metric_script: str  # eval/<script>.py
-    metric: tuple[str, str]  # results.json key, metric name
+    metric: tuple[str, str]  # results.json entry (the paper-protocol scoring), metric name
     metric_label: str
     higher_is_better: bool
     eval_resolution: int = 64
@@ -110,21 +110,21 @@ def _segmentation(launcher: str, dataset: str, label_column: str, model: str) ->
     return ToyTask(launcher, dataset, "prompt", f"reward_models/{model}", ("--conditioning_image_column", "control_seg"),
                    "segmentation", dataset, "validation",
                    ("--prompt_column", "prompt", "--condition_column", "control_seg", "--label_column", label_column),
-                   "eval_seg", ("segmentation", "miou"), "mIoU", True, eval_model=f"reward_models/{model}")
+                   "eval_seg", ("segmentation_paper", "miou"), "mIoU", True, eval_model=f"reward_models/{model}")
 
 
 TASKS: dict[str, ToyTask] = {
     "ade20k": _segmentation("reward_ade20k", "Captioned_ADE20K", "seg_map", "ade20k_seg"),
     "cocostuff": _segmentation("reward_cocostuff", "Captioned_COCOStuff", "panoptic_seg_map", "cocostuff_seg"),
-    "canny": _edge("canny", "reward_canny", "canny", ("edge", "f1"), "F1"),
-    "hed": _edge("hed", "reward_hed", "reward_models/ControlNetHED.pth", ("edge", "ms_ssim"), "SSIM",
+    "canny": _edge("canny", "reward_canny", "canny", ("edge_paper", "f1"), "F1"),
+    "hed": _edge("hed", "reward_hed", "reward_models/ControlNetHED.pth", ("edge_paper", "ms_ssim"), "SSIM",
                  eval_resolution=192, generation_resolution=64),
-    "lineart": _edge("lineart", "reward_linedrawing", "reward_models/lineart/model.pth", ("edge", "ms_ssim"), "SSIM",
+    "lineart": _edge("lineart", "reward_linedrawing", "reward_models/lineart/model.pth", ("edge_paper", "ms_ssim"), "SSIM",
                      eval_resolution=192, generation_resolution=64),
     "depth": ToyTask("reward_depth", "MultiGen-20M_depth", "text", "reward_models/dpt-hybrid-midas",
                      ("--conditioning_image_column", "control_depth"), "depth", "MultiGen-20M_depth_eval", "validation",
                      ("--prompt_column", "text", "--condition_column", "control_depth", "--label_column",
-                      "control_depth"), "eval_depth", ("depth", "rmse"), "RMSE", False,
+                      "control_depth"), "eval_depth", ("depth_paper", "rmse"), "RMSE", False,
                      eval_model="reward_models/dpt-hybrid-midas"),
 }
 
