@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from toy.world import MANIFEST_NAME, _write_datasets
+from toy.world import MANIFEST_NAME, _write_datasets, replace_folder
 
 BUNDLE = Path(__file__).resolve().parent / "weights"
 SUMS_NAME = "SHA256SUMS"
@@ -115,11 +115,7 @@ def restore(out: str | os.PathLike, bundle: Path = BUNDLE) -> dict:
                              for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest[RESTORED_KEY] = bundle_digest(bundle)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -155,11 +151,7 @@ def update(world: str | os.PathLike, bundle: Path = BUNDLE) -> dict[str, str]:
         shipped = sorted([*manifest["files"], MANIFEST_NAME])
         sums = {name: _sha256(tmp / name) for name in shipped}
         (tmp / SUMS_NAME).write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
-        if bundle.exists():
-            old = bundle.parent / f".{bundle.name}.old-{os.getpid()}"
-            os.replace(bundle, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, bundle)
+        replace_folder(tmp, bundle)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return sums

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.data import ControlNetRows, collate_rows, load_dataset_any
-from toy.world import DATASETS, MANIFEST_NAME
+from toy.world import DATASETS, MANIFEST_NAME, replace_folder
 
 RESOLUTION = 64  # the toy world's training resolution (8 x 8 latents with the f8 VAE, 16 x 16 with f4)
 
@@ -471,11 +471,7 @@ def pretrain_toy_world(toy: str | os.PathLike, out: str | os.PathLike, seed: int
         manifest["pretrained"] = {"budget": budget, "seed": seed, "threads": threads, "resolution": RESOLUTION,
                                   "text_encoder": "trained with the UNet", "models": records}
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}-{time.monotonic_ns()}"
-            os.replace(out, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for name, record in records.items():

@@ -615,6 +615,16 @@ def _write_reward_models(root: Path, seed: int) -> dict[str, str]:
     return {name: Path(path).resolve().relative_to(root.resolve()).as_posix() for name, path in written.items()}
 
 
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder ``new`` at ``target``: an existing one is moved aside, then deleted,
+    so ``target`` is never a half-written folder."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{time.monotonic_ns()}"
+        os.replace(target, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.replace(new, target)
+
+
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
