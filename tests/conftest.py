@@ -98,3 +98,14 @@ def run_entry(args: list[str], env: dict | None = None, timeout: float = 600) ->
 def run_entry_point():
     """Fixture form of ``run_entry`` for tests that prefer fixtures to imports."""
     return run_entry
+
+
+@pytest.fixture(scope="session")
+def pretrained(toy_world, tmp_path_factory) -> tuple[Path, dict]:
+    """The toy world pretrained with ``--budget small`` (about a minute), once per session: its
+    tests (test_toy_pretrain.py) and the shipped-bundle tests (test_toy_committed.py) share it."""
+    import toy.pretrain
+
+    out = tmp_path_factory.mktemp("pretrain") / "world"
+    manifest = toy.pretrain.main(["--toy", str(toy_world), "--out", str(out), "--seed", "0", "--budget", "small"])
+    return out, manifest

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 import toy.committed as committed
-from test_toy_pretrain import _files, pretrained  # noqa: F401  (the fixture)
+from test_toy_pretrain import _files
 
 
 @pytest.fixture(scope="module")
-def bundle(pretrained, tmp_path_factory):  # noqa: F811
+def bundle(pretrained, tmp_path_factory):
     world, _ = pretrained
     folder = tmp_path_factory.mktemp("bundle") / "weights"
     committed.update(world, bundle=folder)

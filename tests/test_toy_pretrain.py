@@ -21,13 +21,6 @@ import toy.world
 MODELS = ("vae", "unet", "hed", "lineart", "depth", "segmentation_ade20k", "segmentation_cocostuff")
 
 
-@pytest.fixture(scope="module")
-def pretrained(toy_world, tmp_path_factory) -> tuple[Path, dict]:
-    out = tmp_path_factory.mktemp("pretrain") / "world"
-    manifest = toy.pretrain.main(["--toy", str(toy_world), "--out", str(out), "--seed", "0", "--budget", "small"])
-    return out, manifest
-
-
 def _files(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 

@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from toy.world import MANIFEST_NAME, _write_datasets, replace_folder
+from toy.world import MANIFEST_NAME, _write_datasets, refuse_foreign_folder, replace_folder
 
 BUNDLE = Path(__file__).resolve().parent / "weights"
 SUMS_NAME = "SHA256SUMS"
@@ -97,9 +97,7 @@ def restore(out: str | os.PathLike, bundle: Path = BUNDLE) -> dict:
     out = Path(out)
     if is_restored(out, bundle):
         return json.loads((out / MANIFEST_NAME).read_text())
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
-        raise FileExistsError(f"{out} exists, is not empty and holds no {MANIFEST_NAME}: refusing to replace "
-                              "a folder that is not a toy world. Pass an empty or new --out folder.")
+    refuse_foreign_folder(out)
     sums = check_bundle(bundle)
     manifest = json.loads((bundle / MANIFEST_NAME).read_text())
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.data import ControlNetRows, collate_rows, load_dataset_any
-from toy.world import DATASETS, MANIFEST_NAME, replace_folder
+from toy.world import DATASETS, MANIFEST_NAME, refuse_foreign_folder, replace_folder
 
 RESOLUTION = 64  # the toy world's training resolution (8 x 8 latents with the f8 VAE, 16 x 16 with f4)
 
@@ -421,9 +421,7 @@ def pretrain_toy_world(toy: str | os.PathLike, out: str | os.PathLike, seed: int
     if budget not in BUDGETS:
         raise ValueError(f"--budget must be one of {sorted(BUDGETS)}, got {budget!r}.")
     source_manifest = json.loads((toy / MANIFEST_NAME).read_text())
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
-        raise FileExistsError(f"{out} exists, is not empty and holds no {MANIFEST_NAME}: refusing to replace "
-                              "a folder that is not a toy world. Pass an empty or new --out folder.")
+    refuse_foreign_folder(out)
     stages = BUDGETS[budget]
     paths = source_manifest["paths"]
     out.parent.mkdir(parents=True, exist_ok=True)

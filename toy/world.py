@@ -615,6 +615,13 @@ def _write_reward_models(root: Path, seed: int) -> dict[str, str]:
     return {name: Path(path).resolve().relative_to(root.resolve()).as_posix() for name, path in written.items()}
 
 
+def refuse_foreign_folder(out: Path) -> None:
+    """Raise if ``out`` holds files but no toy-world manifest: what is there is not ours to replace."""
+    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
+        raise FileExistsError(f"{out} exists, is not empty and holds no {MANIFEST_NAME}: refusing to replace a "
+                              "folder that is not a toy world. Pass an empty or new --out folder.")
+
+
 def replace_folder(new: Path, target: Path) -> None:
     """Put the finished folder ``new`` at ``target``: an existing one is moved aside, then deleted,
     so ``target`` is never a half-written folder."""
@@ -694,11 +701,7 @@ def make_toy_world(out: str | os.PathLike, seed: int = 0, rows: int | None = Non
     manifest = _is_complete(out, seed, split_rows, architecture)
     if manifest is not None:
         return _absolute(manifest, out)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST_NAME).exists():
-        raise FileExistsError(
-            f"{out} exists, is not empty and holds no {MANIFEST_NAME}: refusing to replace a folder that "
-            "is not a toy world. Pass an empty or new --out folder."
-        )
+    refuse_foreign_folder(out)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
