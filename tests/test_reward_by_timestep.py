@@ -2,7 +2,9 @@
 
 The one-step estimate is rebuilt here with diffusers' own DDPMScheduler.step (pred_original_sample)
 from the same latent sample and noise, decoded and scored by the canny reward; the script's value
-must match. The sampled images' loss is checked to be finite and written.
+must match. The floors: the real images' canny loss is 0 by construction (the target is their own
+edge map), and the VAE round trip is recomputed with diffusers' AutoencoderKL. The sampled images'
+loss is checked to be finite and written.
 """
 from __future__ import annotations
 
@@ -52,3 +54,10 @@ def test_one_step_reward_loss_matches_diffusers_and_sampled_images_are_scored(to
         images = (vae.decode(x0 / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
         expected = float(reward.loss(reward(images), reward.target(batch)).mean())
     assert results["one_step"]["150"] == pytest.approx(expected, rel=1e-4)
+
+    assert results["real"] == pytest.approx(0.0, abs=1e-8)
+    with torch.no_grad():
+        mode = vae.encode(batch["pixel_values"]).latent_dist.mean
+        round_trip = (vae.decode(mode).sample / 2 + 0.5).clamp(0, 1)
+        expected = float(reward.loss(reward(round_trip), reward.target(batch)).mean())
+    assert expected > 0 and results["reconstructed"] == pytest.approx(expected, rel=1e-4)

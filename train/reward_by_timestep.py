@@ -12,6 +12,13 @@ on the same rows with the training code's own functions (``predict_noise`` at fi
 one-step estimates at each ``--timesteps`` value (one noise per row, seeded), and of images sampled
 by the ControlNet pipeline (UniPC, ``--sampling_steps``, ``--guidance_scale`` (7.5), the evaluation's
 negative prompt) from the same captions and conditions. Writes ``<output_dir>/reward_by_timestep.json``.
+
+Two floors come with them, the reward model's own error: the loss of the real images (``real``; 0
+for canny, whose target is the real image's own edge map, and the reward model's error on real
+images for depth and segmentation, whose targets are dataset labels) and of the real images
+through the VAE (``reconstructed``: encoded, the latent distribution's mode decoded). A one-step
+estimate cannot do better than ``reconstructed``; what separates the two from ``sampled`` is what
+the ControlNet could still gain.
 """
 import sys
 from pathlib import Path
@@ -22,8 +29,9 @@ import json
 
 import torch
 
-from train.reward_control import (build_parser, build_train_rows, controlnet_condition, decode_x0, load_reward_model,
-                                  load_stable_diffusion, predict_noise, resolve_label_column, validate_args)
+from train.reward_control import (build_parser, build_train_rows, controlnet_condition, decode_x0, denormalize,
+                                  load_reward_model, load_stable_diffusion, predict_noise, resolve_label_column,
+                                  validate_args)
 from utils.data import collate_rows
 
 NEGATIVE_PROMPT = "worst quality, low quality"  # the evaluation's (eval/eval.py)
@@ -60,12 +68,20 @@ def main(args=None) -> dict:
     results = {"rows": count, "one_step": {}, "settings": {k: getattr(args, k) for k in (
         "pretrained_model_name_or_path", "controlnet_model_name_or_path", "dataset_name", "dataset_split",
         "task_name", "reward_model_name_or_path", "resolution", "sampling_steps", "guidance_scale", "seed")}}
+    def reward_loss(images: torch.Tensor) -> float:
+        return float(reward_model.loss(reward_model(images), target).mean())
+
+    vae = parts.vae
+    results["real"] = reward_loss(denormalize(batch["pixel_values"]))
+    latents = vae.encode(batch["pixel_values"].to(parts.weight_dtype)).latent_dist.mode()
+    results["reconstructed"] = reward_loss((vae.decode(latents, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+    print(f"real images: reward loss {results['real']:.5f}; through the VAE: {results['reconstructed']:.5f}", flush=True)
     for t in args.timesteps:
         generator = torch.Generator(device).manual_seed(args.seed + t)
         prediction = predict_noise(batch, parts, controlnet, args, generator, reward_model,
                                    timesteps=torch.full((count,), t))
         images = decode_x0(parts, prediction.noisy_latents, prediction.model_pred, prediction.timesteps)
-        results["one_step"][str(t)] = float(reward_model.loss(reward_model(images), target).mean())
+        results["one_step"][str(t)] = reward_loss(images)
         print(f"t = {t:4d}: reward loss of the one-step estimates {results['one_step'][str(t)]:.5f}", flush=True)
     if args.sampling_steps:
         from diffusers import StableDiffusionControlNetPipeline, UniPCMultistepScheduler
@@ -81,7 +97,7 @@ def main(args=None) -> dict:
                        height=args.resolution, width=args.resolution, num_inference_steps=args.sampling_steps,
                        guidance_scale=args.guidance_scale, output_type="pt",
                        generator=torch.Generator(device).manual_seed(args.seed)).images
-        results["sampled"] = float(reward_model.loss(reward_model(sampled.to(device)), target).mean())
+        results["sampled"] = reward_loss(sampled.to(device))
         print(f"sampled ({args.sampling_steps} UniPC steps, guidance {args.guidance_scale:g}): reward loss "
               f"{results['sampled']:.5f}", flush=True)
     out = Path(args.output_dir)
