@@ -16,9 +16,9 @@ negative prompt) from the same captions and conditions. Writes ``<output_dir>/re
 Two floors come with them, the reward model's own error: the loss of the real images (``real``; 0
 for canny, whose target is the real image's own edge map, and the reward model's error on real
 images for depth and segmentation, whose targets are dataset labels) and of the real images
-through the VAE (``reconstructed``: encoded, the latent distribution's mode decoded). A one-step
-estimate cannot do better than ``reconstructed``; what separates the two from ``sampled`` is what
-the ControlNet could still gain.
+through the VAE (``reconstructed``: encoded, the latent distribution's mode decoded), what a
+perfect one-step estimate would score; what separates the floors from ``sampled`` is what the
+ControlNet could still gain.
 """
 import sys
 from pathlib import Path
