@@ -29,9 +29,9 @@ import json
 
 import torch
 
-from train.reward_control import (build_parser, build_train_rows, controlnet_condition, decode_x0, denormalize,
-                                  load_reward_model, load_stable_diffusion, predict_noise, resolve_label_column,
-                                  validate_args)
+from train.reward_control import (build_parser, build_train_rows, controlnet_condition, decode_images, decode_x0,
+                                  denormalize, load_reward_model, load_stable_diffusion, predict_noise,
+                                  resolve_label_column, validate_args)
 from utils.data import collate_rows
 
 NEGATIVE_PROMPT = "worst quality, low quality"  # the evaluation's (eval/eval.py)
@@ -68,13 +68,13 @@ def main(args=None) -> dict:
     results = {"rows": count, "one_step": {}, "settings": {k: getattr(args, k) for k in (
         "pretrained_model_name_or_path", "controlnet_model_name_or_path", "dataset_name", "dataset_split",
         "task_name", "reward_model_name_or_path", "resolution", "sampling_steps", "guidance_scale", "seed")}}
+
     def reward_loss(images: torch.Tensor) -> float:
         return float(reward_model.loss(reward_model(images), target).mean())
 
-    vae = parts.vae
     results["real"] = reward_loss(denormalize(batch["pixel_values"]))
-    latents = vae.encode(batch["pixel_values"].to(parts.weight_dtype)).latent_dist.mode()
-    results["reconstructed"] = reward_loss((vae.decode(latents, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1))
+    latents = parts.vae.encode(batch["pixel_values"].to(parts.weight_dtype)).latent_dist.mode()
+    results["reconstructed"] = reward_loss(decode_images(parts, latents))
     print(f"real images: reward loss {results['real']:.5f}; through the VAE: {results['reconstructed']:.5f}", flush=True)
     for t in args.timesteps:
         generator = torch.Generator(device).manual_seed(args.seed + t)

@@ -704,9 +704,13 @@ def predict_noise(batch: dict, parts: StableDiffusionParts, controlnet: torch.nn
 def decode_x0(parts: StableDiffusionParts, noisy_latents: torch.Tensor, model_pred: torch.Tensor,
               timesteps: torch.Tensor) -> torch.Tensor:
     """The single-step clean-image estimate, decoded by the VAE, in [0, 1] (differentiable)."""
-    vae = parts.vae
     x0 = single_step_x0(parts.noise_scheduler, noisy_latents, model_pred, timesteps)
-    images = vae.decode(x0.to(parts.weight_dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return decode_images(parts, x0.to(parts.weight_dtype) / parts.vae.config.scaling_factor)
+
+
+def decode_images(parts: StableDiffusionParts, latents: torch.Tensor) -> torch.Tensor:
+    """Unscaled VAE latents (already divided by the scaling factor) decoded to images in [0, 1]."""
+    images = parts.vae.decode(latents.to(parts.weight_dtype), return_dict=False)[0]
     return (images / 2 + 0.5).clamp(0, 1)
 
 
