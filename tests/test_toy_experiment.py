@@ -148,6 +148,24 @@ def test_each_variant_trained_as_specified(small_experiment):
         assert any(line["reward_loss"] > 0 for line in log)
 
 
+def test_segmentation_is_scored_by_another_network_than_the_one_that_rewards(small_experiment):
+    # The paper rewards ADE20K with UperNet-R50 and scores it with Mask2Former: the toy world's
+    # evaluation segmenter is another architecture, trained separately.
+    from mmengine.config import Config
+
+    experiment, world, out, _, _ = small_experiment
+    config = json.loads((out / "runs" / "ade20k" / "controlnet_pp" / "seed0" / "training_config.json").read_text())
+    rewarding = Path(config["reward_model_name_or_path"])
+    assert rewarding == world / "reward_models" / "ade20k_seg"
+    for folder in ("ade20k/controlnet_pp/seed0", "ade20k/oracle", "ade20k/start"):
+        evaluation = json.loads((out / "eval" / folder / "results.json").read_text())
+        for scoring in ("segmentation_paper", "segmentation"):
+            assert Path(evaluation[scoring]["settings"]["eval_model"]) == world / "reward_models" / "ade20k_seg_eval"
+    heads = {path.name: Config.fromfile(str(path / "config.py")).model.decode_head.type
+             for path in (rewarding, world / "reward_models" / "ade20k_seg_eval")}
+    assert heads == {"ade20k_seg": "UPerHead", "ade20k_seg_eval": "DepthwiseSeparableASPPHead"}
+
+
 def test_a_second_run_reuses_everything(small_experiment):
     experiment, world, out, argv, results = small_experiment
     weights = out / "runs" / "hed" / "controlnet_pp" / "seed0" / "diffusion_pytorch_model.safetensors"
@@ -178,6 +196,19 @@ def test_jobs_start_after_the_jobs_they_depend_on(tmp_path):
     with pytest.raises(RuntimeError, match="broken failed \\(exit 3\\)"):
         run_jobs([failing, job("after broken", 0, after=("broken",))], parallel=1)
     assert "after broken" not in order.read_text()
+
+
+def test_a_pretrained_world_older_than_its_evaluation_segmenters_is_refused(tmp_path):
+    from toy import experiment
+
+    world = tmp_path / "world"
+    world.mkdir()
+    manifest = {"paths": {"reward_models": {"hed": "reward_models/ControlNetHED.pth",
+                                            "segmentation_ade20k": "reward_models/ade20k_seg"}}}
+    (world / "toy_world.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match=r"made before it had .*segmentation_ade20k_eval.*toy\.committed --out"):
+        experiment.main(["--size", "small", "--pretrained", str(world), "--out", str(tmp_path / "out"), "--tasks", "hed"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["world"]  # nothing written
 
 
 def test_an_output_folder_made_with_other_settings_is_refused(tmp_path):

@@ -18,7 +18,8 @@ from conftest import run_entry
 import toy.pretrain
 import toy.world
 
-MODELS = ("vae", "unet", "hed", "lineart", "depth", "segmentation_ade20k", "segmentation_cocostuff")
+MODELS = ("vae", "unet", "hed", "lineart", "depth", "segmentation_ade20k", "segmentation_cocostuff",
+          "segmentation_ade20k_eval", "segmentation_cocostuff_eval")
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -159,7 +160,9 @@ def test_loads_through_the_pipeline_and_the_reward_registry(pretrained, toy_worl
     depth_rows = _rows(toy_world, "MultiGen-20M_depth", conditioning_image_column="control_depth")
     checks = [("depth", rel("depth"), None, depth_rows)]
     for key, dataset, label_column in (("segmentation_ade20k", "Captioned_ADE20K", "control_seg"),
-                                       ("segmentation_cocostuff", "Captioned_COCOStuff", "panoptic_seg_map")):
+                                       ("segmentation_cocostuff", "Captioned_COCOStuff", "panoptic_seg_map"),
+                                       ("segmentation_ade20k_eval", "Captioned_ADE20K", "control_seg"),
+                                       ("segmentation_cocostuff_eval", "Captioned_COCOStuff", "panoptic_seg_map")):
         model = build_reward_model("segmentation", str(out / rel(key)))
         checks.append(("segmentation", rel(key), label_column,
                        _rows(toy_world, dataset, label_column=label_column, label_from_image=model.label_from_image)))

@@ -31,7 +31,8 @@ the settings, and a folder made with other settings is refused rather than silen
                    generations of the training rows, UniPC at the evaluation's step count).
 4. Evaluation with ``eval/`` (the same code as eval/eval_<task>.sh, called in-process to save a
    Python start per stage; a task's evaluation starts as soon as its runs are done, while the next
-   task trains) on the toy validation split: the task's controllability metric and FID
+   task trains) on the toy validation split: the task's controllability metric (segmentation
+   scored by the world's evaluation segmenters, not by the rewarding ones, as in the paper) and FID
    with the toy world's Inception-shaped feature extractor; for seed 0 also at the intermediate
    checkpoints. The **oracle**, the real validation images scored the same way
    (``eval/eval.py --model oracle``), is the metric's ceiling.
@@ -96,7 +97,10 @@ class ToyTask:
     higher_is_better: bool
     eval_resolution: int = 64
     generation_resolution: int | None = None
-    eval_model: str | None = None  # depth / segmentation scorer inside the world
+    # The scorer inside the world: depth's is the reward model, as in the paper; segmentation's is
+    # another network (reward_models/*_seg_eval, DeepLabV3+), as the paper scores segmentation with
+    # other segmenters than the rewarding ones.
+    eval_model: str | None = None
 
 
 def _edge(name: str, launcher: str, reward_model: str, metric: tuple[str, str], label: str, **kw) -> ToyTask:
@@ -110,7 +114,7 @@ def _segmentation(launcher: str, dataset: str, label_column: str, model: str) ->
     return ToyTask(launcher, dataset, "prompt", f"reward_models/{model}", ("--conditioning_image_column", "control_seg"),
                    "segmentation", dataset, "validation",
                    ("--prompt_column", "prompt", "--condition_column", "control_seg", "--label_column", label_column),
-                   "eval_seg", ("segmentation_paper", "miou"), "mIoU", True, eval_model=f"reward_models/{model}")
+                   "eval_seg", ("segmentation_paper", "miou"), "mIoU", True, eval_model=f"reward_models/{model}_eval")
 
 
 TASKS: dict[str, ToyTask] = {
@@ -241,8 +245,16 @@ def ensure_worlds(args, size: Size) -> Path:
     from toy.pretrain import pretrain_toy_world
     from toy.world import MANIFEST_NAME, make_toy_world
 
+    from toy.reward_checkpoints import REWARD_MODEL_KEYS
+
     pretrained = Path(args.pretrained)
     if (pretrained / MANIFEST_NAME).is_file():
+        paths = json.loads((pretrained / MANIFEST_NAME).read_text()).get("paths", {}).get("reward_models", {})
+        missing = [key for key in REWARD_MODEL_KEYS if key not in paths]
+        if missing:
+            raise SystemExit(f"{pretrained} is a toy world made before it had {', '.join(missing)} (the evaluation "
+                             f"segmenters were added on 2026-12-07). `python -m toy.committed --out {pretrained}` "
+                             "replaces it with the shipped world (baselines included); or pass another --pretrained.")
         return pretrained
     shipped = committed.BUNDLE / MANIFEST_NAME
     if not args.pretrain and shipped.is_file():
@@ -649,7 +661,8 @@ def check_reused_settings(out: Path, size: Size, world: Path) -> None:
     record = out / "experiment.json"
     settings = {key: list(value) if isinstance(value, tuple) else value
                 for key, value in size.__dict__.items() if key in REUSED_SETTINGS}
-    settings.update(pretrained=str(Path(world).resolve()), first_seed=size.seeds[0])
+    settings.update(pretrained=str(Path(world).resolve()), first_seed=size.seeds[0],
+                    scorers={name: task.eval_model for name, task in TASKS.items() if task.eval_model})
     if record.is_file():
         previous = json.loads(record.read_text())
         changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}

@@ -18,6 +18,7 @@ same layout (every path that works under ``work_dirs/toy`` works under the pretr
                          colours followed the caption only softly: docs/TOY_PRETRAIN.md)
     reward_models/       HED (soft shape boundaries), line drawing (thin outlines, 1 = paper),
                          DPT depth (control_depth), mmseg ADE20K and COCO-Stuff segmenters
+                         (UperNet, the rewards; DeepLabV3+, the evaluation's *_seg_eval)
     toy-controlnet/      ControlNetModel.from_unet(pretrained UNet), initialised as toy/world.py
                          does; per-task ControlNets are trained later by train/train_controlnet.py
     everything else      (tokenizer, text encoder, scheduler, datasets, clip/, fid/) copied as is
@@ -73,6 +74,8 @@ BUDGETS: dict[str, dict[str, Stage]] = {
         "depth": Stage(steps=30, batch_size=8, lr=2e-3),
         "segmentation_ade20k": Stage(steps=60, batch_size=8, lr=3e-3),
         "segmentation_cocostuff": Stage(steps=60, batch_size=8, lr=3e-3),
+        "segmentation_ade20k_eval": Stage(steps=60, batch_size=8, lr=3e-3),
+        "segmentation_cocostuff_eval": Stage(steps=60, batch_size=8, lr=3e-3),
     },
     # The pretrained world: soft scenes that follow the caption (docs/TOY_PRETRAIN.md, "Before / after").
     "full": {
@@ -83,6 +86,9 @@ BUDGETS: dict[str, dict[str, Stage]] = {
         "depth": Stage(steps=250, batch_size=16, lr=1e-3),
         "segmentation_ade20k": Stage(steps=300, batch_size=16, lr=2e-3),
         "segmentation_cocostuff": Stage(steps=300, batch_size=16, lr=2e-3),
+        # The evaluation segmenters (another architecture, twice as wide) train twice as long.
+        "segmentation_ade20k_eval": Stage(steps=600, batch_size=16, lr=2e-3),
+        "segmentation_cocostuff_eval": Stage(steps=600, batch_size=16, lr=2e-3),
     },
 }
 # Weight of the KL term against the per-pixel L1 of the VAE: small, as in SD's autoencoder
@@ -359,11 +365,12 @@ def save_mmseg_checkpoint(reward_model, path: Path, seed: int) -> None:
 
 def pretrain_reward_models(toy: Path, out: Path, paths: dict[str, str], tokenizer, budget: dict[str, Stage],
                            seed: int, threads: int) -> dict:
-    """Train the five learned reward models of the toy world in place of their random weights."""
+    """Train the learned reward models of the toy world (and its evaluation segmenters) in place of
+    their random weights."""
     from reward_models.depth import DepthRewardModel
     from reward_models.hed import HEDRewardModel
     from reward_models.lineart import LineArtRewardModel
-    from reward_models.segmentation import SegmentationRewardModel, label_image_to_index
+    from reward_models.segmentation import label_image_to_index
 
     records = {}
     # Edges: from the ADE20K train split, whose labels give every region and shape boundary.
@@ -394,16 +401,34 @@ def pretrain_reward_models(toy: Path, out: Path, paths: dict[str, str], tokenize
         # save_pretrained rewrites config + weights; preprocessor_config.json (input size) stays.
         depth.dpt.save_pretrained(str(out / paths["depth"]), safe_serialization=True)
 
-    for key, dataset, label_column in (("segmentation_ade20k", "Captioned_ADE20K", "control_seg"),
-                                       ("segmentation_cocostuff", "Captioned_COCOStuff", "panoptic_seg_map")):
-        with deterministic(seed, key, threads):
-            folder = out / paths[key]
-            segmenter = SegmentationRewardModel.from_pretrained(str(folder))
-            rows = load_rows(toy, dataset, tokenizer, label_column=label_column, label_from_image=segmenter.label_from_image)
-            records[key] = train_with_reward_loss(key, segmenter, segmenter.segmentor, (rows["pixel_values"] + 1) / 2,
-                                                  rows["labels"], budget[key], seed)
-            save_mmseg_checkpoint(segmenter, folder / "model.pth", seed)
+    for key in SEGMENTERS:
+        records[key] = pretrain_segmenter(toy, out / paths[key], key, tokenizer, budget[key], seed, threads)
     return records
+
+
+# The segmenters of the toy world: (dataset, label column); the reward's and the evaluation's
+# train on the same rows, each from its own random initialisation and with its own batches.
+SEGMENTERS = {
+    "segmentation_ade20k": ("Captioned_ADE20K", "control_seg"),
+    "segmentation_cocostuff": ("Captioned_COCOStuff", "panoptic_seg_map"),
+    "segmentation_ade20k_eval": ("Captioned_ADE20K", "control_seg"),
+    "segmentation_cocostuff_eval": ("Captioned_COCOStuff", "panoptic_seg_map"),
+}
+
+
+def pretrain_segmenter(toy: Path, folder: Path, key: str, tokenizer, stage: Stage, seed: int, threads: int) -> dict:
+    """Train the mmseg segmenter in ``folder`` (config.py + random model.pth) on its dataset's train
+    split with the segmentation reward's own loss; rewrites its model.pth, returns its record."""
+    from reward_models.segmentation import SegmentationRewardModel
+
+    dataset, label_column = SEGMENTERS[key]
+    with deterministic(seed, key, threads):
+        segmenter = SegmentationRewardModel.from_pretrained(str(folder))
+        rows = load_rows(toy, dataset, tokenizer, label_column=label_column, label_from_image=segmenter.label_from_image)
+        record = train_with_reward_loss(key, segmenter, segmenter.segmentor, (rows["pixel_values"] + 1) / 2,
+                                        rows["labels"], stage, seed)
+        save_mmseg_checkpoint(segmenter, Path(folder) / "model.pth", seed)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ training, evaluation and the tests run the real loading code on CPU in seconds:
     dpt-hybrid-midas/            DPTForDepthEstimation.save_pretrained (safetensors) + preprocessor_config.json
     ade20k_seg/config.py, model.pth      mmseg UperNet on a narrow ResNet-18, 150 classes, ADE20K
     cocostuff_seg/config.py, model.pth   the same with 171 classes, COCO-Stuff
+    ade20k_seg_eval/, cocostuff_seg_eval/   the evaluation segmenters: DeepLabV3+ on a wider, dilated
+                                         ResNet-18 (another architecture than the rewards', as the
+                                         paper scores segmentation with other networks than it rewards)
 
 The same seed gives the same bytes. The toy DPT is a plain (non-hybrid) ViT backbone: the
 hybrid one needs a BiT ResNet whose smallest configuration is still far from tiny, and the
@@ -26,11 +29,15 @@ from reward_models.lineart import LineDrawingNetwork
 
 TOY_WIDTH = 4  # HED base width and line-drawing ngf of the toy checkpoints (published: 64)
 TOY_DPT_SIZE = 64  # DPT input resolution of the toy depth model (published: 384)
+# The keys of write_toy_reward_models' result; a world whose manifest lacks one is an older world.
+REWARD_MODEL_KEYS = ("hed", "lineart", "depth", "segmentation_ade20k", "segmentation_cocostuff",
+                     "segmentation_ade20k_eval", "segmentation_cocostuff_eval")
 
-# A tiny mmseg EncoderDecoder: UperNet on a ResNetV1c-18 with 8 base channels. The keep-ratio
-# test resize keeps 64 px toy images at 64 px (the real ADE20K configs resize to 512).
+# A tiny mmseg EncoderDecoder: UperNet on a ResNetV1c-18 with 8 base channels (the rewards), or
+# DeepLabV3+ on a dilated ResNetV1c-18 with 16 base channels (the evaluation segmenters). The
+# keep-ratio test resize keeps 64 px toy images at 64 px (the real ADE20K configs resize to 512).
 _TOY_SEG_CONFIG = """\
-# Toy {dataset} segmenter written by toy/reward_checkpoints.py: random weights, for tests only.
+# Toy {dataset} {role} written by toy/reward_checkpoints.py: random weights, for tests only.
 dataset_type = '{dataset_type}'
 norm_cfg = dict(type='BN', requires_grad=True)
 data_preprocessor = dict(
@@ -47,16 +54,30 @@ model = dict(
     backbone=dict(
         type='ResNetV1c',
         depth=18,
+{backbone}        norm_cfg=norm_cfg,
+        norm_eval=False,
+        style='pytorch',
+        contract_dilation=True),
+{decode_head}    train_cfg=dict(),
+    test_cfg=dict(mode='whole'))
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=(256, 64), keep_ratio=True),
+    dict(type='LoadAnnotations', reduce_zero_label={reduce_zero_label}),
+    dict(type='PackSegInputs'),
+]
+"""
+_TOY_SEG_ARCHITECTURES = {
+    # The reward segmenters: UperNet (the paper's ADE20K reward is UperNet-R50), output stride 32
+    # with the four stages fused.
+    "upernet": ("segmenter", """\
         stem_channels=8,
         base_channels=8,
         num_stages=4,
         out_indices=(0, 1, 2, 3),
         dilations=(1, 1, 1, 1),
         strides=(1, 2, 2, 2),
-        norm_cfg=norm_cfg,
-        norm_eval=False,
-        style='pytorch',
-        contract_dilation=True),
+""", """\
     decode_head=dict(
         type='UPerHead',
         in_channels=[8, 16, 32, 64],
@@ -68,15 +89,33 @@ model = dict(
         norm_cfg=norm_cfg,
         align_corners=False,
         loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
-    train_cfg=dict(),
-    test_cfg=dict(mode='whole'))
-test_pipeline = [
-    dict(type='LoadImageFromFile'),
-    dict(type='Resize', scale=(256, 64), keep_ratio=True),
-    dict(type='LoadAnnotations', reduce_zero_label={reduce_zero_label}),
-    dict(type='PackSegInputs'),
-]
-"""
+"""),
+    # The evaluation segmenters: DeepLabV3+ (the paper scores COCO-Stuff with a DeepLabV3), output
+    # stride 8 (dilated last two stages), ASPP with dilations scaled to 64 px inputs, the first
+    # stage's features fused back in, twice the reward's width.
+    "deeplabv3plus": ("evaluation segmenter", """\
+        stem_channels=16,
+        base_channels=16,
+        num_stages=4,
+        out_indices=(0, 1, 2, 3),
+        dilations=(1, 1, 2, 4),
+        strides=(1, 2, 1, 1),
+""", """\
+    decode_head=dict(
+        type='DepthwiseSeparableASPPHead',
+        in_channels=128,
+        in_index=3,
+        channels=32,
+        dilations=(1, 2, 4, 6),
+        c1_in_channels=16,
+        c1_channels=8,
+        dropout_ratio=0.1,
+        num_classes={num_classes},
+        norm_cfg=norm_cfg,
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+"""),
+}
 
 
 def _save_state_dict(module: torch.nn.Module, path: Path) -> None:
@@ -143,8 +182,10 @@ def write_toy_dpt(folder: Path, seed: int) -> None:
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
 
 
-def write_toy_segmenter(folder: Path, seed: int, dataset_type: str = "ADE20KDataset") -> None:
-    """config.py + model.pth (mmengine format) of a tiny UperNet for ADE20K (150) or COCO-Stuff (171)."""
+def write_toy_segmenter(folder: Path, seed: int, dataset_type: str = "ADE20KDataset",
+                        architecture: str = "upernet") -> None:
+    """config.py + model.pth (mmengine format) of a tiny segmenter for ADE20K (150) or COCO-Stuff (171)
+    classes; ``architecture``: ``upernet`` (the rewards) or ``deeplabv3plus`` (the evaluation)."""
     from mmengine.config import Config
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
@@ -154,11 +195,15 @@ def write_toy_segmenter(folder: Path, seed: int, dataset_type: str = "ADE20KData
     datasets = {"ADE20KDataset": ("ADE20K", 150), "COCOStuffDataset": ("COCO-Stuff", 171)}
     if dataset_type not in datasets:
         raise ValueError(f"toy segmenters exist for {sorted(datasets)}, not {dataset_type!r}")
+    if architecture not in _TOY_SEG_ARCHITECTURES:
+        raise ValueError(f"toy segmenter architectures are {sorted(_TOY_SEG_ARCHITECTURES)}, not {architecture!r}")
+    role, backbone, decode_head = _TOY_SEG_ARCHITECTURES[architecture]
     dataset, num_classes = datasets[dataset_type]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config_text = _TOY_SEG_CONFIG.format(
-        dataset=dataset, dataset_type=dataset_type, num_classes=num_classes, reduce_zero_label=dataset_type == "ADE20KDataset"
+        dataset=dataset, role=role, dataset_type=dataset_type, backbone=backbone,
+        decode_head=decode_head.format(num_classes=num_classes), reduce_zero_label=dataset_type == "ADE20KDataset"
     )
     (folder / "config.py").write_text(config_text)
     register_all_modules(init_default_scope=True)
@@ -182,7 +227,9 @@ def write_toy_segmenter(folder: Path, seed: int, dataset_type: str = "ADE20KData
 def write_toy_reward_models(out_dir: Path, seed: int) -> dict[str, str]:
     """Write the toy checkpoints under ``out_dir``; return {task or name: path}.
 
-    Keys: ``hed``, ``lineart``, ``depth``, ``segmentation_ade20k``, ``segmentation_cocostuff``.
+    Keys: ``hed``, ``lineart``, ``depth``, ``segmentation_ade20k``, ``segmentation_cocostuff`` (the
+    rewards) and ``segmentation_ade20k_eval``, ``segmentation_cocostuff_eval`` (the evaluation
+    segmenters, see EVAL_SEGMENTERS).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +239,8 @@ def write_toy_reward_models(out_dir: Path, seed: int) -> dict[str, str]:
         "depth": out_dir / "dpt-hybrid-midas",
         "segmentation_ade20k": out_dir / "ade20k_seg",
         "segmentation_cocostuff": out_dir / "cocostuff_seg",
+        "segmentation_ade20k_eval": out_dir / "ade20k_seg_eval",
+        "segmentation_cocostuff_eval": out_dir / "cocostuff_seg_eval",
     }
     # A different seed per model, so that no two toy networks share their initial weights.
     write_toy_hed(paths["hed"], seed)
@@ -199,4 +248,6 @@ def write_toy_reward_models(out_dir: Path, seed: int) -> dict[str, str]:
     write_toy_dpt(paths["depth"], seed + 2)
     write_toy_segmenter(paths["segmentation_ade20k"], seed + 3, "ADE20KDataset")
     write_toy_segmenter(paths["segmentation_cocostuff"], seed + 4, "COCOStuffDataset")
+    write_toy_segmenter(paths["segmentation_ade20k_eval"], seed + 5, "ADE20KDataset", "deeplabv3plus")
+    write_toy_segmenter(paths["segmentation_cocostuff_eval"], seed + 6, "COCOStuffDataset", "deeplabv3plus")
     return {name: str(path) for name, path in paths.items()}

@@ -660,6 +660,10 @@ def _is_complete(root: Path, seed: int, rows: dict[str, int], architecture: str 
         return None
     if manifest.get("architecture", DEFAULT_ARCHITECTURE) != architecture:
         return None
+    from toy.reward_checkpoints import REWARD_MODEL_KEYS
+
+    if set(REWARD_MODEL_KEYS) - set(manifest.get("paths", {}).get("reward_models", {})):
+        return None  # written before a model was added (the evaluation segmenters): made again
     for rel, size in manifest.get("files", {}).items():
         path = root / rel
         if not path.is_file() or path.stat().st_size != size:
