@@ -243,9 +243,8 @@ def ensure_worlds(args, size: Size) -> Path:
     a random world (about an hour for the full budget)."""
     from toy import committed
     from toy.pretrain import pretrain_toy_world
-    from toy.world import MANIFEST_NAME, make_toy_world
-
     from toy.reward_checkpoints import REWARD_MODEL_KEYS
+    from toy.world import MANIFEST_NAME, make_toy_world
 
     pretrained = Path(args.pretrained)
     if (pretrained / MANIFEST_NAME).is_file():
