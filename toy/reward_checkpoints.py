@@ -58,7 +58,13 @@ model = dict(
         norm_eval=False,
         style='pytorch',
         contract_dilation=True),
-{decode_head}    train_cfg=dict(),
+    decode_head=dict(
+{decode_head}        dropout_ratio=0.1,
+        num_classes={num_classes},
+        norm_cfg=norm_cfg,
+        align_corners=False,
+        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
+    train_cfg=dict(),
     test_cfg=dict(mode='whole'))
 test_pipeline = [
     dict(type='LoadImageFromFile'),
@@ -78,17 +84,11 @@ _TOY_SEG_ARCHITECTURES = {
         dilations=(1, 1, 1, 1),
         strides=(1, 2, 2, 2),
 """, """\
-    decode_head=dict(
         type='UPerHead',
         in_channels=[8, 16, 32, 64],
         in_index=[0, 1, 2, 3],
         pool_scales=(1, 2, 3, 6),
         channels=16,
-        dropout_ratio=0.1,
-        num_classes={num_classes},
-        norm_cfg=norm_cfg,
-        align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
 """),
     # The evaluation segmenters: DeepLabV3+ (the paper scores COCO-Stuff with a DeepLabV3), output
     # stride 8 (dilated last two stages), ASPP with dilations scaled to 64 px inputs, the first
@@ -101,7 +101,6 @@ _TOY_SEG_ARCHITECTURES = {
         dilations=(1, 1, 2, 4),
         strides=(1, 2, 1, 1),
 """, """\
-    decode_head=dict(
         type='DepthwiseSeparableASPPHead',
         in_channels=128,
         in_index=3,
@@ -109,11 +108,6 @@ _TOY_SEG_ARCHITECTURES = {
         dilations=(1, 2, 4, 6),
         c1_in_channels=16,
         c1_channels=8,
-        dropout_ratio=0.1,
-        num_classes={num_classes},
-        norm_cfg=norm_cfg,
-        align_corners=False,
-        loss_decode=dict(type='CrossEntropyLoss', use_sigmoid=False, loss_weight=1.0)),
 """),
 }
 
@@ -203,7 +197,7 @@ def write_toy_segmenter(folder: Path, seed: int, dataset_type: str = "ADE20KData
     folder.mkdir(parents=True, exist_ok=True)
     config_text = _TOY_SEG_CONFIG.format(
         dataset=dataset, role=role, dataset_type=dataset_type, backbone=backbone,
-        decode_head=decode_head.format(num_classes=num_classes), reduce_zero_label=dataset_type == "ADE20KDataset"
+        decode_head=decode_head, num_classes=num_classes, reduce_zero_label=dataset_type == "ADE20KDataset"
     )
     (folder / "config.py").write_text(config_text)
     register_all_modules(init_default_scope=True)
