@@ -243,13 +243,11 @@ def ensure_worlds(args, size: Size) -> Path:
     a random world (about an hour for the full budget)."""
     from toy import committed
     from toy.pretrain import pretrain_toy_world
-    from toy.reward_checkpoints import REWARD_MODEL_KEYS
-    from toy.world import MANIFEST_NAME, make_toy_world
+    from toy.world import MANIFEST_NAME, make_toy_world, missing_reward_models
 
     pretrained = Path(args.pretrained)
     if (pretrained / MANIFEST_NAME).is_file():
-        paths = json.loads((pretrained / MANIFEST_NAME).read_text()).get("paths", {}).get("reward_models", {})
-        missing = [key for key in REWARD_MODEL_KEYS if key not in paths]
+        missing = missing_reward_models(json.loads((pretrained / MANIFEST_NAME).read_text()))
         if missing:
             raise SystemExit(f"{pretrained} is a toy world made before it had {', '.join(missing)} (the evaluation "
                              f"segmenters were added on 2026-12-07). `python -m toy.committed --out {pretrained}` "

@@ -650,6 +650,14 @@ def _rows_per_split(rows: int | None) -> dict[str, int]:
     return {"train": rows, "validation": rows}
 
 
+def missing_reward_models(manifest: dict) -> list[str]:
+    """The reward-model keys this code writes that a world's manifest lacks (a world made before they existed)."""
+    from toy.reward_checkpoints import REWARD_MODEL_KEYS
+
+    present = manifest.get("paths", {}).get("reward_models", {})
+    return [key for key in REWARD_MODEL_KEYS if key not in present]
+
+
 def _is_complete(root: Path, seed: int, rows: dict[str, int], architecture: str = DEFAULT_ARCHITECTURE) -> dict | None:
     """The manifest of ``root`` if it holds a complete world for this seed, rows, architecture and version."""
     try:
@@ -660,9 +668,7 @@ def _is_complete(root: Path, seed: int, rows: dict[str, int], architecture: str 
         return None
     if manifest.get("architecture", DEFAULT_ARCHITECTURE) != architecture:
         return None
-    from toy.reward_checkpoints import REWARD_MODEL_KEYS
-
-    if set(REWARD_MODEL_KEYS) - set(manifest.get("paths", {}).get("reward_models", {})):
+    if missing_reward_models(manifest):
         return None  # written before a model was added (the evaluation segmenters): made again
     for rel, size in manifest.get("files", {}).items():
         path = root / rel
