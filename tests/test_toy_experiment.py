@@ -212,7 +212,7 @@ def test_a_pretrained_world_older_than_its_evaluation_segmenters_is_refused(tmp_
 
 
 def test_an_output_folder_made_with_other_settings_is_refused(tmp_path):
-    from toy.experiment import SIZES, check_reused_settings
+    from toy.experiment import SIZES, TASKS, check_reused_settings
 
     out, world = tmp_path / "out", tmp_path / "world"
     check_reused_settings(out, SIZES["full"], world)
@@ -224,6 +224,15 @@ def test_an_output_folder_made_with_other_settings_is_refused(tmp_path):
     later_seeds = dataclasses.replace(SIZES["full"], seeds=(1, 2))  # seed 1 kept no checkpoints
     with pytest.raises(SystemExit, match="first_seed 0 -> 1"):
         check_reused_settings(out, later_seeds, world)
+    scorer = world / TASKS["ade20k"].eval_model / "model.pth"
+    scorer.parent.mkdir(parents=True)
+    scorer.write_bytes(b"one segmenter")
+    with pytest.raises(SystemExit, match=r"other settings \(scorers "):  # the folder had no scorer files
+        check_reused_settings(out, SIZES["full"], world)
+    check_reused_settings(tmp_path / "scored", SIZES["full"], world)
+    scorer.write_bytes(b"the segmenter retrained in place")  # same path, other weights
+    with pytest.raises(SystemExit, match=r"other settings \(scorers .*'ade20k'.*'sha256'"):
+        check_reused_settings(tmp_path / "scored", SIZES["full"], world)
     legacy = tmp_path / "legacy"
     (legacy / "runs").mkdir(parents=True)
     with pytest.raises(SystemExit, match="no experiment.json"):

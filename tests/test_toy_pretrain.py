@@ -190,3 +190,51 @@ def test_refuses_to_replace_a_folder_that_is_not_a_toy_world(toy_world, tmp_path
     with pytest.raises(FileExistsError, match="not a toy world"):
         toy.pretrain.pretrain_toy_world(toy_world, tmp_path, budget="small")
     assert (tmp_path / "mine.txt").read_text() == "precious"
+
+
+def test_scale_augmentation_resizes_as_cv2_and_crops_labels_with_their_pixels():
+    """The evaluation segmenters' batches: checked against cv2's bilinear resize (mmcv's, which the
+    paper protocol's test pipeline uses) and numpy's pixel repetition for the labels. The images
+    encode their coordinates, so where each crop was taken is read off its first pixel."""
+    import cv2
+
+    size, factor, crop = 16, 8, 40
+    ys, xs = np.meshgrid(np.arange(size), np.arange(size), indexing="ij")
+    image = np.stack([xs / (size - 1), ys / (size - 1), (xs * ys) % 5 / 4.0]).astype(np.float32)  # (3, H, W)
+    labels = np.random.default_rng(0).integers(0, 7, (2, size, size))
+    images = torch.from_numpy(np.stack([image, image[:, ::-1].copy()]))
+    out_images, out_labels = toy.pretrain.resize_and_crop(images, torch.from_numpy(labels), factor, crop,
+                                                          torch.Generator().manual_seed(3))
+    assert out_images.shape == (2, 3, crop, crop) and out_labels.shape == (2, crop, crop)
+    for i in range(2):
+        full = cv2.resize(images[i].numpy().transpose(1, 2, 0), (size * factor, size * factor),
+                          interpolation=cv2.INTER_LINEAR).transpose(2, 0, 1)
+        # Channel 1 rises with y in both images; channel 0 rises with x in the first, falls in the second.
+        top = int(np.argmin(np.abs(full[1, :, 0] - out_images[i, 1, 0, 0].item())))
+        column = full[0, top]
+        left = int(np.argmin(np.abs(column - out_images[i, 0, 0, 0].item())))
+        np.testing.assert_allclose(out_images[i].numpy(), full[:, top:top + crop, left:left + crop], atol=1e-5)
+        repeated = np.repeat(np.repeat(labels[i], factor, axis=0), factor, axis=1)
+        np.testing.assert_array_equal(out_labels[i].numpy(), repeated[top:top + crop, left:left + crop])
+    # Smaller than the crop: the whole resized image, at factor 1 the batch itself.
+    same_images, same_labels = toy.pretrain.resize_and_crop(images, torch.from_numpy(labels), 1.0, crop,
+                                                            torch.Generator().manual_seed(3))
+    assert torch.equal(same_images, images) and torch.equal(same_labels, torch.from_numpy(labels))
+
+
+def test_evaluation_segmenters_train_on_every_scale_up_to_the_paper_protocols():
+    """The paper protocol segments a 64 px toy image at 512 px (a short side of 512: 8x), the
+    corrected scoring at 64 px; the evaluation segmenters' scale draws cover both ends, the
+    rewarding segmenters (which see 64 px images in training) are not augmented."""
+    from eval.eval_seg import PAPER_TEST_SCALE
+
+    paper_factor = min(PAPER_TEST_SCALE) / toy.pretrain.RESOLUTION
+    assert set(toy.pretrain.SEGMENTER_AUGMENTATION) == {"segmentation_ade20k_eval", "segmentation_cocostuff_eval"}
+    for augmentation in toy.pretrain.SEGMENTER_AUGMENTATION.values():
+        assert augmentation.max_scale == paper_factor
+        generator = torch.Generator().manual_seed(0)
+        factors = np.array([toy.pretrain.draw_scale(augmentation, generator) for _ in range(400)])
+        assert factors.min() >= 1 and factors.max() <= paper_factor
+        assert factors.min() < 1.1 and factors.max() > 0.9 * paper_factor
+        # Log-uniform: as many draws below the geometric middle as above it.
+        assert abs(np.mean(factors < np.sqrt(paper_factor)) - 0.5) < 0.08

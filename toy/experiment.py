@@ -51,6 +51,7 @@ and upsampled to 192 px (eval.py --generation_resolution) before their maps are 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import re
@@ -652,14 +653,27 @@ def sample_grid(out: Path, tasks: list[str], seed: int, variants=VARIANTS, rows_
 # ---------------------------------------------------------------------------------------------
 
 
+def scorer_digests(world: Path) -> dict[str, dict]:
+    """task -> its scorer inside the world and a SHA-256 of its files: a world whose scorers were
+    replaced in place (e.g. a newer toy/weights restored to the same folder) scores differently."""
+    digests = {}
+    for name, task in TASKS.items():
+        if task.eval_model:
+            folder = Path(world) / task.eval_model
+            digest = hashlib.sha256()
+            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+                digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+            digests[name] = {"model": task.eval_model, "sha256": digest.hexdigest()}
+    return digests
+
+
 def check_reused_settings(out: Path, size: Size, world: Path) -> None:
     """Finished runs and evaluations in ``out`` are reused: only when made with the same settings,
     from the same pretrained world (its baselines), with the same seed keeping the checkpoints."""
     record = out / "experiment.json"
     settings = {key: list(value) if isinstance(value, tuple) else value
                 for key, value in size.__dict__.items() if key in REUSED_SETTINGS}
-    settings.update(pretrained=str(Path(world).resolve()), first_seed=size.seeds[0],
-                    scorers={name: task.eval_model for name, task in TASKS.items() if task.eval_model})
+    settings.update(pretrained=str(Path(world).resolve()), first_seed=size.seeds[0], scorers=scorer_digests(world))
     if record.is_file():
         previous = json.loads(record.read_text())
         changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
