@@ -19,7 +19,7 @@ import toy.pretrain
 import toy.world
 
 MODELS = ("vae", "unet", "hed", "lineart", "depth", "segmentation_ade20k", "segmentation_cocostuff",
-          "segmentation_ade20k_eval", "segmentation_cocostuff_eval")
+          "segmentation_ade20k_eval", "segmentation_cocostuff_eval", "depth_eval")
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -158,7 +158,7 @@ def test_loads_through_the_pipeline_and_the_reward_registry(pretrained, toy_worl
         assert losses[out] < 0.8 * losses[toy_world], (task, losses)
 
     depth_rows = _rows(toy_world, "MultiGen-20M_depth", conditioning_image_column="control_depth")
-    checks = [("depth", rel("depth"), None, depth_rows)]
+    checks = [("depth", rel("depth"), None, depth_rows), ("depth", rel("depth_eval"), None, depth_rows)]
     for key, dataset, label_column in (("segmentation_ade20k", "Captioned_ADE20K", "control_seg"),
                                        ("segmentation_cocostuff", "Captioned_COCOStuff", "panoptic_seg_map"),
                                        ("segmentation_ade20k_eval", "Captioned_ADE20K", "control_seg"),

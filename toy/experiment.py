@@ -31,8 +31,9 @@ the settings, and a folder made with other settings is refused rather than silen
                    generations of the training rows, UniPC at the evaluation's step count).
 4. Evaluation with ``eval/`` (the same code as eval/eval_<task>.sh, called in-process to save a
    Python start per stage; a task's evaluation starts as soon as its runs are done, while the next
-   task trains) on the toy validation split: the task's controllability metric (segmentation
-   scored by the world's evaluation segmenters, not by the rewarding ones, as in the paper) and FID
+   task trains) on the toy validation split: the task's controllability metric (depth and
+   segmentation scored by the world's evaluation models, not by the rewarding ones, as in the
+   paper; an evaluation is redone when its scorer's files changed) and FID
    with the toy world's Inception-shaped feature extractor; for seed 0 also at the intermediate
    checkpoints. The **oracle**, the real validation images scored the same way
    (``eval/eval.py --model oracle``), is the metric's ceiling.
@@ -98,9 +99,9 @@ class ToyTask:
     higher_is_better: bool
     eval_resolution: int = 64
     generation_resolution: int | None = None
-    # The scorer inside the world: depth's is the reward model, as in the paper; segmentation's is
-    # another network (reward_models/*_seg_eval, DeepLabV3+), as the paper scores segmentation with
-    # other segmenters than the rewarding ones.
+    # The scorer inside the world, another network than the reward's, as the paper scores depth
+    # with DPT-Large (rewards with DPT-Hybrid) and segmentation with Mask2Former / DeepLabV3-R101
+    # (rewards with UperNet / DeepLabV3-R50): reward_models/dpt-large and reward_models/*_seg_eval.
     eval_model: str | None = None
 
 
@@ -130,7 +131,7 @@ TASKS: dict[str, ToyTask] = {
                      ("--conditioning_image_column", "control_depth"), "depth", "MultiGen-20M_depth_eval", "validation",
                      ("--prompt_column", "text", "--condition_column", "control_depth", "--label_column",
                       "control_depth"), "eval_depth", ("depth_paper", "rmse"), "RMSE", False,
-                     eval_model="reward_models/dpt-hybrid-midas"),
+                     eval_model="reward_models/dpt-large"),
 }
 
 
@@ -403,6 +404,31 @@ def models_to_evaluate(world: Path, out: Path, task: str, size: Size) -> dict[st
     return models
 
 
+SCORER_STAMP = "scorer.json"
+
+
+def scorer_digest(world: Path, task: str) -> dict | None:
+    """The task's scorer inside the world and a SHA-256 of its files (None: scored by the reward's
+    own detector): a scorer replaced in place, e.g. by a newer toy/weights restored to the same
+    folder, gives another digest, and the evaluations it scored are redone (the runs are kept)."""
+    relative = TASKS[task].eval_model
+    if not relative:
+        return None
+    folder = Path(world) / relative
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
+    return {"model": relative, "sha256": digest.hexdigest()}
+
+
+def is_evaluated(root: Path, metric_entry: str, scorer: dict | None) -> bool:
+    """``root`` holds the metric and FID, scored by ``scorer`` (its stamp, written after scoring)."""
+    results, stamp = root / "results.json", root / SCORER_STAMP
+    if not (results.is_file() and {metric_entry, "fid"} <= set(json.loads(results.read_text()))):
+        return False
+    return (json.loads(stamp.read_text()) if stamp.is_file() else None) == scorer
+
+
 def evaluate_task(world: Path, out: Path, task: str, size: Size) -> None:
     """Every model of one task through eval/ (generation, controllability, FID), in this process."""
     from eval import eval as generate
@@ -413,10 +439,10 @@ def evaluate_task(world: Path, out: Path, task: str, size: Size) -> None:
 
     spec = TASKS[task]
     scorers = {"eval_edge": eval_edge, "eval_depth": eval_depth, "eval_seg": eval_seg}
+    scorer = scorer_digest(world, task)
     for name, model in models_to_evaluate(world, out, task, size).items():
         root = out / "eval" / task / name
-        results = root / "results.json"
-        if results.is_file() and {spec.metric[0], "fid"} <= set(json.loads(results.read_text())):
+        if is_evaluated(root, spec.metric[0], scorer):
             continue
         annotator = "canny" if spec.reward_model == "canny" else str(world / spec.reward_model)
         flags = ["--task_name", spec.eval_task, "--dataset_name", str(world / "datasets" / spec.eval_dataset),
@@ -436,6 +462,8 @@ def evaluate_task(world: Path, out: Path, task: str, size: Size) -> None:
         scorers[spec.metric_script].main(score)
         eval_fid.main(["--root_dir", str(root), "--inception_path", str(world / "fid" / "inception-toy.pt"),
                        "--num_workers", "0"])
+        if scorer is not None:
+            (root / SCORER_STAMP).write_text(json.dumps(scorer, indent=2) + "\n")
 
 
 def evaluation_job(world: Path, out: Path, task: str, args, size: Size, logs: Path, after: tuple[str, ...]) -> Job:
@@ -653,27 +681,13 @@ def sample_grid(out: Path, tasks: list[str], seed: int, variants=VARIANTS, rows_
 # ---------------------------------------------------------------------------------------------
 
 
-def scorer_digests(world: Path) -> dict[str, dict]:
-    """task -> its scorer inside the world and a SHA-256 of its files: a world whose scorers were
-    replaced in place (e.g. a newer toy/weights restored to the same folder) scores differently."""
-    digests = {}
-    for name, task in TASKS.items():
-        if task.eval_model:
-            folder = Path(world) / task.eval_model
-            digest = hashlib.sha256()
-            for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-                digest.update(path.relative_to(folder).as_posix().encode() + b"\0" + path.read_bytes())
-            digests[name] = {"model": task.eval_model, "sha256": digest.hexdigest()}
-    return digests
-
-
 def check_reused_settings(out: Path, size: Size, world: Path) -> None:
     """Finished runs and evaluations in ``out`` are reused: only when made with the same settings,
     from the same pretrained world (its baselines), with the same seed keeping the checkpoints."""
     record = out / "experiment.json"
     settings = {key: list(value) if isinstance(value, tuple) else value
                 for key, value in size.__dict__.items() if key in REUSED_SETTINGS}
-    settings.update(pretrained=str(Path(world).resolve()), first_seed=size.seeds[0], scorers=scorer_digests(world))
+    settings.update(pretrained=str(Path(world).resolve()), first_seed=size.seeds[0])
     if record.is_file():
         previous = json.loads(record.read_text())
         changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}

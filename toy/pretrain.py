@@ -17,8 +17,9 @@ same layout (every path that works under ``work_dirs/toy`` works under the pretr
                          encoder gave every caption nearly the same features, so shapes and
                          colours followed the caption only softly: docs/TOY_PRETRAIN.md)
     reward_models/       HED (soft shape boundaries), line drawing (thin outlines, 1 = paper),
-                         DPT depth (control_depth), mmseg ADE20K and COCO-Stuff segmenters
-                         (UperNet, the rewards; DeepLabV3+, the evaluation's *_seg_eval)
+                         DPT depth (control_depth; dpt-large, the evaluation's, wider), mmseg
+                         ADE20K and COCO-Stuff segmenters (UperNet, the rewards; DeepLabV3+, the
+                         evaluation's *_seg_eval)
     toy-controlnet/      ControlNetModel.from_unet(pretrained UNet), initialised as toy/world.py
                          does; per-task ControlNets are trained later by train/train_controlnet.py
     everything else      (tokenizer, text encoder, scheduler, datasets, clip/, fid/) copied as is
@@ -76,6 +77,7 @@ BUDGETS: dict[str, dict[str, Stage]] = {
         "segmentation_cocostuff": Stage(steps=60, batch_size=8, lr=3e-3),
         "segmentation_ade20k_eval": Stage(steps=60, batch_size=8, lr=3e-3),
         "segmentation_cocostuff_eval": Stage(steps=60, batch_size=8, lr=3e-3),
+        "depth_eval": Stage(steps=30, batch_size=8, lr=2e-3),
     },
     # The pretrained world: soft scenes that follow the caption (docs/TOY_PRETRAIN.md, "Before / after").
     "full": {
@@ -90,6 +92,8 @@ BUDGETS: dict[str, dict[str, Stage]] = {
         # to the paper protocol's (SEGMENTER_AUGMENTATION), 5x as long as the rewarding ones.
         "segmentation_ade20k_eval": Stage(steps=1500, batch_size=16, lr=2e-3),
         "segmentation_cocostuff_eval": Stage(steps=1500, batch_size=16, lr=2e-3),
+        # The evaluation depth model (a wider, deeper DPT) trains 4x as long as the reward's.
+        "depth_eval": Stage(steps=1000, batch_size=16, lr=1e-3),
     },
 }
 # Weight of the KL term against the per-pixel L1 of the VAE: small, as in SD's autoencoder
@@ -394,13 +398,18 @@ def pretrain_reward_models(toy: Path, out: Path, paths: dict[str, str], tokenize
                                                  budget["lineart"], seed)
         save_state_dict(lineart.network, out / paths["lineart"])
 
-    with deterministic(seed, "depth", threads):
-        depth_rows = load_rows(toy, "MultiGen-20M_depth", tokenizer, conditioning_image_column="control_depth")
-        depth = DepthRewardModel.from_pretrained(out / paths["depth"])
-        records["depth"] = train_with_reward_loss("depth", depth, depth.dpt, (depth_rows["pixel_values"] + 1) / 2,
-                                                  depth.target(depth_rows), budget["depth"], seed)
-        # save_pretrained rewrites config + weights; preprocessor_config.json (input size) stays.
-        depth.dpt.save_pretrained(str(out / paths["depth"]), safe_serialization=True)
+    depth_rows = None
+    # The reward's DPT, then the evaluation's (the paper scores depth with DPT-Large, not with the
+    # DPT-Hybrid it rewards with): the same rows and loss, each its own initialisation and batches.
+    for key in ("depth", "depth_eval"):
+        with deterministic(seed, key, threads):
+            if depth_rows is None:
+                depth_rows = load_rows(toy, "MultiGen-20M_depth", tokenizer, conditioning_image_column="control_depth")
+            depth = DepthRewardModel.from_pretrained(out / paths[key])
+            records[key] = train_with_reward_loss(key, depth, depth.dpt, (depth_rows["pixel_values"] + 1) / 2,
+                                                  depth.target(depth_rows), budget[key], seed)
+            # save_pretrained rewrites config + weights; preprocessor_config.json (input size) stays.
+            depth.dpt.save_pretrained(str(out / paths[key]), safe_serialization=True)
 
     for key in SEGMENTERS:
         records[key] = pretrain_segmenter(toy, out / paths[key], key, tokenizer, budget[key], seed, threads)

@@ -6,6 +6,8 @@ training, evaluation and the tests run the real loading code on CPU in seconds:
     ControlNetHED.pth            plain state dict, published HED keys, width 4 instead of 64
     lineart/model.pth            plain state dict, published line-drawing keys, ngf 4 instead of 64
     dpt-hybrid-midas/            DPTForDepthEstimation.save_pretrained (safetensors) + preprocessor_config.json
+    dpt-large/                   the evaluation depth model: the same format, a wider and deeper ViT (the
+                                 paper scores depth with DPT-Large, not with the DPT-Hybrid it rewards with)
     ade20k_seg/config.py, model.pth      mmseg UperNet on a narrow ResNet-18, 150 classes, ADE20K
     cocostuff_seg/config.py, model.pth   the same with 171 classes, COCO-Stuff
     ade20k_seg_eval/, cocostuff_seg_eval/   the evaluation segmenters: DeepLabV3+ on a wider, dilated
@@ -31,7 +33,15 @@ TOY_WIDTH = 4  # HED base width and line-drawing ngf of the toy checkpoints (pub
 TOY_DPT_SIZE = 64  # DPT input resolution of the toy depth model (published: 384)
 # The keys of write_toy_reward_models' result; a world whose manifest lacks one is an older world.
 REWARD_MODEL_KEYS = ("hed", "lineart", "depth", "segmentation_ade20k", "segmentation_cocostuff",
-                     "segmentation_ade20k_eval", "segmentation_cocostuff_eval")
+                     "segmentation_ade20k_eval", "segmentation_cocostuff_eval", "depth_eval")
+# The toy DPTs: the reward's (as small as a working DPT gets) and the evaluation's, wider and deeper,
+# as DPT-Large (ViT-L/16) is beside DPT-Hybrid (ViT-B/16 on a ResNet-50 stem).
+_TOY_DPT_SIZES = {
+    "hybrid": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64,
+                   neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16),
+    "large": dict(hidden_size=64, num_hidden_layers=6, num_attention_heads=4, intermediate_size=128,
+                  neck_hidden_sizes=[16, 32, 64, 64], fusion_hidden_size=32),
+}
 
 # A tiny mmseg EncoderDecoder: UperNet on a ResNetV1c-18 with 8 base channels (the rewards), or
 # DeepLabV3+ on a dilated ResNetV1c-18 with 16 base channels (the evaluation segmenters). The
@@ -131,22 +141,20 @@ def write_toy_lineart(path: Path, seed: int) -> None:
         _save_state_dict(LineDrawingNetwork(ngf=TOY_WIDTH), Path(path))
 
 
-def write_toy_dpt(folder: Path, seed: int) -> None:
-    """A tiny DPTForDepthEstimation folder (safetensors) with a 64 px preprocessor_config.json."""
+def write_toy_dpt(folder: Path, seed: int, size: str = "hybrid") -> None:
+    """A tiny DPTForDepthEstimation folder (safetensors) with a 64 px preprocessor_config.json;
+    ``size``: ``hybrid`` (the reward) or ``large`` (the evaluation), see _TOY_DPT_SIZES."""
     from transformers import DPTConfig, DPTForDepthEstimation
 
+    if size not in _TOY_DPT_SIZES:
+        raise ValueError(f"toy DPT sizes are {sorted(_TOY_DPT_SIZES)}, not {size!r}")
     folder = Path(folder)
     config = DPTConfig(
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        intermediate_size=64,
+        **_TOY_DPT_SIZES[size],
         image_size=TOY_DPT_SIZE,
         patch_size=8,
         backbone_out_indices=[0, 1, 2, 3],
         reassemble_factors=[4, 2, 1, 0.5],
-        neck_hidden_sizes=[8, 16, 32, 32],
-        fusion_hidden_size=16,
         head_in_index=-1,
         is_hybrid=False,
     )
@@ -222,8 +230,8 @@ def write_toy_reward_models(out_dir: Path, seed: int) -> dict[str, str]:
     """Write the toy checkpoints under ``out_dir``; return {task or name: path}.
 
     Keys: ``hed``, ``lineart``, ``depth``, ``segmentation_ade20k``, ``segmentation_cocostuff`` (the
-    rewards) and ``segmentation_ade20k_eval``, ``segmentation_cocostuff_eval`` (the evaluation
-    segmenters, see EVAL_SEGMENTERS).
+    rewards), ``segmentation_ade20k_eval``, ``segmentation_cocostuff_eval`` (the evaluation
+    segmenters) and ``depth_eval`` (the evaluation depth model).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -235,6 +243,7 @@ def write_toy_reward_models(out_dir: Path, seed: int) -> dict[str, str]:
         "segmentation_cocostuff": out_dir / "cocostuff_seg",
         "segmentation_ade20k_eval": out_dir / "ade20k_seg_eval",
         "segmentation_cocostuff_eval": out_dir / "cocostuff_seg_eval",
+        "depth_eval": out_dir / "dpt-large",
     }
     # A different seed per model, so that no two toy networks share their initial weights.
     write_toy_hed(paths["hed"], seed)
@@ -244,4 +253,5 @@ def write_toy_reward_models(out_dir: Path, seed: int) -> dict[str, str]:
     write_toy_segmenter(paths["segmentation_cocostuff"], seed + 4, "COCOStuffDataset")
     write_toy_segmenter(paths["segmentation_ade20k_eval"], seed + 5, "ADE20KDataset", "deeplabv3plus")
     write_toy_segmenter(paths["segmentation_cocostuff_eval"], seed + 6, "COCOStuffDataset", "deeplabv3plus")
+    write_toy_dpt(paths["depth_eval"], seed + 7, "large")
     return {name: str(path) for name, path in paths.items()}
