@@ -28,7 +28,7 @@ same layout (every path that works under ``work_dirs/toy`` works under the pretr
 per model, steps, batch size, learning rate and the first / final training loss.
 
 Budgets (measured times and losses in docs/TOY_PRETRAIN.md): ``small`` takes about a minute
-on a 24-row toy world (tests); ``full`` about 37 minutes on one free core of the 200-row f4 world. Same seed, same thread count -> the
+on a 24-row toy world (tests); ``full`` about an hour on one free core of the 200-row f4 world. Same seed, same thread count -> the
 same bytes in every file (one thread by default: CPU reductions may be ordered differently with
 another thread count, and on a shared machine one thread is also the fastest).
 """
