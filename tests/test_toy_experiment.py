@@ -41,6 +41,9 @@ def test_the_table_and_results_come_from_the_runs_evaluations(small_experiment):
     experiment, world, out, _, results = small_experiment
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["tasks"].keys() == set(TASKS) and on_disk["size"]["seeds"] == list(SEEDS)
+    import torch
+
+    assert on_disk["written_on"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for task in TASKS:
         spec = experiment.TASKS[task]
         entry = on_disk["tasks"][task]

@@ -525,6 +525,18 @@ def compare(values: list[float], reference: list[float], higher_is_better: bool)
             "direction": ("better" if better else "worse") if significant else "same"}
 
 
+def machine() -> dict:
+    """What the reward runs' last digits depend on: the same code gave other reward runs on another
+    CPU (docs/TOY_EXPERIMENT.md, Reproducibility). Runs reused from an earlier invocation may have
+    been trained elsewhere; this is the machine that wrote the table."""
+    import platform
+
+    import torch
+
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "machine": platform.machine(),
+            "processor": platform.processor(), "cpus": os.cpu_count(), "torch": torch.__version__}
+
+
 def collect(world: Path, out: Path, tasks: list[str], size: Size) -> dict:
     results = {"size": size.__dict__ | {"seeds": list(size.seeds), "variants": list(size.variants)},
                "settings": list(TOY_SETTINGS), "reference_variant": REFERENCE_VARIANT, "tasks": {}}
@@ -758,6 +770,7 @@ def main(argv=None) -> dict | None:
     in_table_order = [task for task in TASKS if task in args.tasks]  # the paper's order, whatever ran first
     results = collect(world, out, in_table_order, size)
     results["seconds"] = round(time.perf_counter() - start)
+    results["written_on"] = machine()
     table = table_markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(table)
