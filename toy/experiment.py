@@ -252,7 +252,7 @@ def ensure_worlds(args, size: Size) -> Path:
         missing = missing_reward_models(json.loads((pretrained / MANIFEST_NAME).read_text()))
         if missing:
             raise SystemExit(f"{pretrained} is a toy world made before it had {', '.join(missing)} (the evaluation "
-                             f"segmenters were added on 2026-12-07). `python -m toy.committed --out {pretrained}` "
+                             f"segmenters were added on 2026-12-07, the evaluation DPT on 2026-12-08). `python -m toy.committed --out {pretrained}` "
                              "replaces it with the shipped world (baselines included); or pass another --pretrained.")
         return pretrained
     shipped = committed.BUNDLE / MANIFEST_NAME
