@@ -334,12 +334,17 @@ def train_edge_detector(name: str, reward_model, network, images01, target, stag
     return record
 
 
-def train_with_reward_loss(name: str, reward_model, network, images01, targets, stage: Stage, seed: int) -> dict:
-    """Depth / segmentation: the reward model's own per-sample loss (what the reward measures)."""
+def train_with_reward_loss(name: str, reward_model, network, images01, targets, stage: Stage, seed: int,
+                           augment=None) -> dict:
+    """Depth / segmentation: the reward model's own per-sample loss (what the reward measures).
+    ``augment(images01, targets, generator) -> (images01, targets)`` transforms each batch."""
     network.train()
 
     def loss_of_batch(rows, generator):
-        return reward_model.loss(reward_model(images01[rows]), targets[rows]).mean()
+        images, batch_targets = images01[rows], targets[rows]
+        if augment is not None:
+            images, batch_targets = augment(images, batch_targets, generator)
+        return reward_model.loss(reward_model(images), batch_targets).mean()
 
     record = fit(name, network, loss_of_batch, len(images01), stage, seed)
     network.eval()
@@ -398,13 +403,11 @@ def pretrain_reward_models(toy: Path, out: Path, paths: dict[str, str], tokenize
                                                  budget["lineart"], seed)
         save_state_dict(lineart.network, out / paths["lineart"])
 
-    depth_rows = None
     # The reward's DPT, then the evaluation's (the paper scores depth with DPT-Large, not with the
     # DPT-Hybrid it rewards with): the same rows and loss, each its own initialisation and batches.
+    depth_rows = load_rows(toy, "MultiGen-20M_depth", tokenizer, conditioning_image_column="control_depth")
     for key in ("depth", "depth_eval"):
         with deterministic(seed, key, threads):
-            if depth_rows is None:
-                depth_rows = load_rows(toy, "MultiGen-20M_depth", tokenizer, conditioning_image_column="control_depth")
             depth = DepthRewardModel.from_pretrained(out / paths[key])
             records[key] = train_with_reward_loss(key, depth, depth.dpt, (depth_rows["pixel_values"] + 1) / 2,
                                                   depth.target(depth_rows), budget[key], seed)
@@ -481,20 +484,12 @@ def pretrain_segmenter(toy: Path, folder: Path, key: str, tokenizer, stage: Stag
     with deterministic(seed, key, threads):
         segmenter = SegmentationRewardModel.from_pretrained(str(folder))
         rows = load_rows(toy, dataset, tokenizer, label_column=label_column, label_from_image=segmenter.label_from_image)
-        images01, labels = (rows["pixel_values"] + 1) / 2, rows["labels"]
-        if augmentation is None:
-            record = train_with_reward_loss(key, segmenter, segmenter.segmentor, images01, labels, stage, seed)
-        else:
-            segmenter.segmentor.train()
-
-            def loss_of_batch(batch_rows, generator):
-                images, targets = resize_and_crop(images01[batch_rows], labels[batch_rows],
-                                                  draw_scale(augmentation, generator), augmentation.crop, generator)
-                return segmenter.loss(segmenter(images), targets).mean()
-
-            record = {**fit(key, segmenter.segmentor, loss_of_batch, len(images01), stage, seed),
-                      "augmentation": asdict(augmentation)}
-            segmenter.segmentor.eval()
+        augment = None if augmentation is None else (lambda images, labels, generator: resize_and_crop(
+            images, labels, draw_scale(augmentation, generator), augmentation.crop, generator))
+        record = train_with_reward_loss(key, segmenter, segmenter.segmentor, (rows["pixel_values"] + 1) / 2,
+                                        rows["labels"], stage, seed, augment)
+        if augmentation is not None:
+            record["augmentation"] = asdict(augmentation)
         save_mmseg_checkpoint(segmenter, Path(folder) / "model.pth", seed)
     return record
 
